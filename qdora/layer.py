@@ -46,6 +46,12 @@ def dora_row_norm(
     return n2.clamp_min(1e-24).sqrt()
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for x's device, else x's own dtype."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 class _QDoRAFunction(torch.autograd.Function):
     """Forward and backward of the adapted layer in one function (weights frozen: no dW)."""
 
@@ -111,6 +117,66 @@ class _QDoRAFunction(torch.autograd.Function):
             dxad = (d_xa @ ac).to(xad_dt).reshape(*lead, ac.shape[-1])
         dbias = dy2.sum(0) if ctx.has_bias and need_bias else None
         return (dx, dxad, da, db, dm, dbias) + (None,) * 10
+
+
+class _FrozenNF4Function(torch.autograd.Function):
+    """y = x·Ŵᵀ + b for a frozen NF4 weight: saves the packed bytes, re-dequantizes for dx."""
+
+    @staticmethod
+    def forward(ctx, x, bias, packed, absmax, absmax2, code2, offset, code, spec: NF4Spec, dtype):
+        w = dequantize_nf4(packed, absmax, absmax2, code2, offset, code, spec, dtype)
+        y = x.to(dtype) @ w.t()
+        if bias is not None:
+            y = y + bias.to(dtype)
+        ctx.save_for_backward(packed, absmax, absmax2, code2, offset, code)
+        ctx.spec, ctx.dtype, ctx.x_dtype = spec, dtype, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 10
+        w = dequantize_nf4(*ctx.saved_tensors, ctx.spec, ctx.dtype)
+        return ((dy.to(ctx.dtype) @ w).to(ctx.x_dtype),) + (None,) * 9
+
+
+class NF4Linear(nn.Module):
+    """A frozen NF4 linear layer with no adapter: the untargeted linears of a QLoRA/QDoRA model."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, double_quant: bool = True,
+                 storage_dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.base = NF4Weight(NF4Spec(out_features, in_features, double_quant), storage_dtype, device=device)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, double_quant: bool = True,
+                    storage_dtype: torch.dtype | None = None) -> NF4Linear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, double_quant,
+                    storage_dtype, device=linear.weight.device)
+        layer.base.quantize_(linear.weight.data)
+        if linear.bias is not None:
+            layer.bias.data = linear.bias.data.detach().clone()
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return _FrozenNF4Function.apply(x, self.bias, b.packed, b.absmax, b.absmax2, b.code2, b.offset,
+                                            b.code, b.spec, dtype)
+
+    @torch.no_grad()
+    def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized weight (there is no adapter to merge)."""
+        return self.base.dequantize(torch.float32).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, frozen nf4"
 
 
 class QDoRALinear(nn.Module):
@@ -182,17 +248,14 @@ class QDoRALinear(nn.Module):
         if self.magnitude is not None:
             self.magnitude.copy_(self.base.row_norm_sq.sqrt())
 
-    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The autocast dtype when autocast is on for x's device, else x's own dtype."""
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
-            return torch.get_autocast_dtype(dev)
-        return x.dtype
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The trainable tensors: lora_A, lora_B and (dora) magnitude."""
+        return [p for p in (self.lora_A, self.lora_B, self.magnitude) if p is not None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_ad = self.dropout(x)
         b = self.base
-        dtype = self.compute_dtype(x)  # read before autocast is switched off below
+        dtype = compute_dtype(x)  # read before autocast is switched off below
         with torch.autocast(x.device.type, enabled=False):
             return _QDoRAFunction.apply(
                 x, x_ad, self.lora_A, self.lora_B, self.magnitude, self.bias,

@@ -1,4 +1,10 @@
-"""PEFT as the oracle: the same NF4 base in a bitsandbytes `Linear4bit`, wrapped by PEFT's LoRA/DoRA."""
+"""PEFT as the oracle: the same NF4 base in a bitsandbytes `Linear4bit`, wrapped by PEFT's LoRA/DoRA.
+
+Measured here (bitsandbytes 0.50.2, CPU with AVX512-BF16): a `Linear4bit` in eval mode whose input
+does not require grad repacks its weight into a CPU-specific layout and switches to a bf16 inference
+kernel whose outputs differ from the dequantize-then-matmul path by up to ~5% (relative). The oracle
+turns that path off (`exact_bnb`) so it computes what training computes.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ def bnb_linear4bit(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtyp
                                    compress_statistics=True, blocksize=64)
     if bias is not None:
         lin.bias = nn.Parameter(bias.clone(), requires_grad=False)
-    return lin.to("cpu")
+    return exact_bnb(lin.to("cpu"))
 
 
 def peft_pair(
@@ -64,3 +70,28 @@ def peft_pair(
             ours.magnitude.copy_(m)
             layer.lora_magnitude_vector["default"].weight.data = m.to(dtype)
     return ours, pm, layer
+
+
+def bnb_quantized_model(model_dir, dtype: torch.dtype = torch.float32):
+    """The model as transformers + bitsandbytes load it in 4 bit (nf4, double quant): PEFT's base."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=dtype)
+    return exact_bnb(
+        AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, device_map="cpu", dtype=dtype)
+    )
+
+
+def exact_bnb(model: nn.Module) -> nn.Module:
+    """Keep every Linear4bit on bnb's dequantize+matmul path (no CPU bf16 inference kernel)."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def oracle_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a bnb-quantized (PEFT) model, without gradients."""
+    with torch.no_grad():
+        return model(ids).logits
