@@ -1,0 +1,194 @@
+"""Record formats (text, alpaca, chat): detection, validation, and rendering to token ids + labels.
+
+Every example ends with the tokenizer's end token (eos for text/alpaca, the chat template's own turn
+end for chat) so that packed examples are separated by it and the model learns to stop.
+
+Completion-only masking (labels -100 on the prompt):
+- alpaca: the prompt (everything up to and including "### Response:\\n") is masked, the output and the
+  appended eos are trained.
+- chat: only assistant turns are trained: their content and the template's end-of-turn text. The spans
+  are found by rendering the conversation incrementally with the tokenizer's own chat template:
+  turn i spans from the end of render(messages[:i], add_generation_prompt=True) to the end of
+  render(messages[:i+1]). This works for any template that renders conversations as growing prefixes
+  (Llama 3, ChatML/Qwen2, Mistral...); a template that does not is refused with a clear error.
+  Each span is tokenized on its own, so the prompt tokens are exactly what inference feeds the model
+  after `add_generation_prompt=True`. (transformers' `return_assistant_tokens_mask` needs
+  `{% generation %}` markers that Llama 3's and most published templates lack, so it is not relied on.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from qdora.errors import QdoraError
+
+IGNORE_INDEX = -100
+FORMATS = ("text", "alpaca", "chat")
+REQUIRED_COLUMNS = {"text": ("text",), "alpaca": ("instruction", "output"), "chat": ("messages",)}
+
+# Stanford Alpaca's prompt templates (github.com/tatsu-lab/stanford_alpaca, train.py).
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+Example = tuple[list[int], list[int]]  # (input_ids, labels)
+
+
+def _accepted() -> str:
+    return "; ".join(f"{f} (columns: {', '.join(c)})" for f, c in REQUIRED_COLUMNS.items())
+
+
+def resolve_format(fmt: str, columns: Sequence[str], where: str) -> str:
+    """The format to use for a source with these columns: `fmt` checked, or detected when "auto"."""
+    cols = set(columns)
+    if fmt == "auto":
+        found = [f for f, req in REQUIRED_COLUMNS.items() if set(req) <= cols]
+        if len(found) == 1:
+            return found[0]
+        why = "matches several formats" if found else "matches no format"
+        raise QdoraError(
+            f"{where}: cannot detect the data format: columns {sorted(cols)} {why}. "
+            f"Accepted formats: {_accepted()}. Pass the format explicitly or rename the columns."
+        )
+    if fmt not in REQUIRED_COLUMNS:
+        raise QdoraError(f"unknown data format {fmt!r}: choose auto, {', '.join(FORMATS)}")
+    missing = [c for c in REQUIRED_COLUMNS[fmt] if c not in cols]
+    if missing:
+        raise QdoraError(f"{where}: format {fmt!r} needs column(s) {missing}; found columns {sorted(cols)}")
+    return fmt
+
+
+def _string(record: dict, field: str, where: str, optional: bool = False) -> str:
+    value = record.get(field)
+    if value is None:
+        if optional:
+            return ""
+        raise QdoraError(f"{where}: missing field {field!r}")
+    if not isinstance(value, str):
+        raise QdoraError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise QdoraError("the tokenizer has no eos token: examples could not be terminated")
+    return tokenizer.eos_token_id
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def encode_text(record: dict, tokenizer, completion_only: bool, where: str) -> Example | None:
+    """A plain document: all tokens trained. Empty documents are skipped (None)."""
+    if completion_only:
+        raise QdoraError("completion_only needs a prompt/response format (alpaca or chat), not text")
+    text = _string(record, "text", where)
+    if not text.strip():
+        return None
+    ids = _ids(tokenizer, text, special=True)
+    eos = _eos_id(tokenizer)
+    if not ids or ids[-1] != eos:
+        ids.append(eos)
+    return ids, list(ids)
+
+
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    """The Alpaca prompt for one record (the response follows it directly)."""
+    if input_text.strip():
+        return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=input_text)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def encode_alpaca(record: dict, tokenizer, completion_only: bool, where: str) -> Example:
+    """Prompt (with the tokenizer's usual bos) + output + eos; the prompt is masked if completion_only."""
+    prompt = alpaca_prompt(_string(record, "instruction", where), _string(record, "input", where, True))
+    output = _string(record, "output", where)
+    eos = _eos_id(tokenizer)
+    prompt_ids = _ids(tokenizer, prompt, special=True)
+    if prompt_ids and prompt_ids[-1] == eos:  # tokenizers that append eos themselves
+        prompt_ids.pop()
+    response_ids = _ids(tokenizer, output, special=False) + [eos]
+    prompt_labels = [IGNORE_INDEX] * len(prompt_ids) if completion_only else list(prompt_ids)
+    return prompt_ids + response_ids, prompt_labels + response_ids
+
+
+def _messages(record: dict, where: str) -> list[dict]:
+    messages = record.get("messages")
+    if messages is None:
+        raise QdoraError(f"{where}: missing field 'messages'")
+    if not isinstance(messages, list):
+        raise QdoraError(f"{where}: 'messages' must be a list, got {type(messages).__name__}")
+    if not messages:
+        raise QdoraError(f"{where}: 'messages' is empty")
+    clean = []
+    for j, m in enumerate(messages, start=1):
+        if not isinstance(m, dict):
+            raise QdoraError(f"{where}: message {j} must be an object, got {type(m).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                got = "missing" if m.get(key) is None else type(m[key]).__name__
+                raise QdoraError(f"{where}: message {j} field {key!r} must be a string ({got})")
+        # Arrow fills keys that only other rows have with None: drop them before templating.
+        clean.append({k: v for k, v in m.items() if v is not None})
+    return clean
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except Exception as e:  # jinja errors, template-raised exceptions
+        raise QdoraError(f"{where}: the chat template failed on this conversation ({e})") from e
+
+
+def assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns (content + turn end)."""
+    full = _render(tokenizer, messages, False, where)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], True, where) if i else ""
+        upto = _render(tokenizer, messages[: i + 1], False, where)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise QdoraError(
+                f"{where}: the tokenizer's chat template does not render conversations as growing "
+                "prefixes, so assistant turns cannot be located for completion_only; "
+                "train without completion_only or use a template that does"
+            )
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def encode_chat(record: dict, tokenizer, completion_only: bool, where: str) -> Example:
+    """The conversation rendered with the tokenizer's chat template; only assistant turns trained if asked."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise QdoraError("chat format needs a tokenizer with a chat template; this tokenizer has none")
+    messages = _messages(record, where)
+    if not completion_only:
+        ids = _ids(tokenizer, _render(tokenizer, messages, False, where), special=False)
+        return ids, list(ids)
+    full, spans = assistant_spans(tokenizer, messages, where)
+    ids: list[int] = []
+    labels: list[int] = []
+    cursor = 0
+    for start, stop in [*spans, (len(full), len(full))]:
+        for text, trained in ((full[cursor:start], False), (full[start:stop], True)):
+            if text:
+                piece = _ids(tokenizer, text, special=False)
+                ids += piece
+                labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        cursor = stop
+    return ids, labels
+
+
+ENCODERS = {"text": encode_text, "alpaca": encode_alpaca, "chat": encode_chat}
