@@ -30,6 +30,18 @@ class Source:
         return f"{self.name}, {self.locate(i)}"
 
 
+def _datasets():
+    """The datasets module, with its download-count ping to the Hub switched off.
+
+    `load_dataset("json", ...)` on a local file otherwise sends a HEAD request to the Hub's S3 bucket
+    (datasets.load.increase_load_count, 3 s timeout): a network access and, offline, a multi-second stall.
+    """
+    import datasets
+
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    return datasets
+
+
 def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any(
         (path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -42,7 +54,9 @@ def _jsonl_line_numbers(path: Path) -> list[int]:
         return [n for n, line in enumerate(f, start=1) if line.strip()]
 
 
-def _first_bad_json_line(path: Path) -> str | None:
+def _diagnose_jsonl(path: Path) -> str | None:
+    """Why datasets could not read a JSONL file: the first bad line, or the first field whose type changes."""
+    first_type: dict[str, tuple[str, int]] = {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -53,11 +67,27 @@ def _first_bad_json_line(path: Path) -> str | None:
                 return f"line {n}: invalid JSON ({e.msg})"
             if not isinstance(record, dict):
                 return f"line {n}: expected a JSON object, got {type(record).__name__}"
+            for key, value in record.items():
+                kind = type(value).__name__
+                if value is None:
+                    continue
+                seen = first_type.setdefault(key, (kind, n))
+                if seen[0] != kind:
+                    return f"line {n}: field {key!r} is {kind}, but {seen[0]} on line {seen[1]}"
     return None
 
 
-def _load_file(path: Path, txt_mode: str) -> Source:
+def _csv_as_text(rows):
+    """CSV cells are text: pandas' guess that a column of answers like 42 is numeric would refuse them."""
     import datasets
+
+    if all(getattr(f, "dtype", None) in ("string", "large_string") for f in rows.features.values()):
+        return rows
+    return rows.cast(datasets.Features({c: datasets.Value("string") for c in rows.column_names}))
+
+
+def _load_file(path: Path, txt_mode: str) -> Source:
+    datasets = _datasets()
 
     suffix = path.suffix.lower()
     builder = BUILDERS[suffix]
@@ -65,8 +95,12 @@ def _load_file(path: Path, txt_mode: str) -> Source:
     try:
         rows = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets/pyarrow raise many types; the user needs the file name and the cause
-        detail = _first_bad_json_line(path) if suffix == ".jsonl" else None
-        raise QdoraError(f"{path}: could not be read ({detail or f'{type(e).__name__}: {e}'})") from e
+        detail = _diagnose_jsonl(path) if suffix == ".jsonl" else None
+        if detail:
+            raise QdoraError(f"{path}, {detail}") from e
+        raise QdoraError(f"{path}: could not be read ({type(e).__name__}: {e})") from e
+    if builder == "csv":
+        rows = _csv_as_text(rows)
     if suffix == ".jsonl":
         lines = _jsonl_line_numbers(path)
         return Source(str(path), rows, lambda i: f"line {lines[i]}")
@@ -76,7 +110,7 @@ def _load_file(path: Path, txt_mode: str) -> Source:
 
 
 def _load_saved(path: Path) -> Source:
-    import datasets
+    datasets = _datasets()
 
     try:
         rows = datasets.load_from_disk(str(path))

@@ -4,11 +4,13 @@ Packing (greedy, in order, no example split across rows): examples are concatena
 `seq_len` tokens; a row that cannot take the next example is padded (pad id, label -100) and closed.
 `position_ids` restart at 0 for every example (and for the padding tail). transformers 5 (masking_utils,
 `find_packed_sequence_indices`) turns such restarting position ids into a block-diagonal causal mask for
-the sdpa, eager and flex attention implementations, *but only when no attention_mask is passed*; so packed
-batches carry `position_ids` and no `attention_mask`, and attention never crosses example boundaries
-(tests/test_data.py checks this against running each example alone). The first token of every example is
-labelled -100 so the previous example's last token is never trained to predict the next example's bos:
-the packed loss is exactly the sum of the examples' separate losses.
+the sdpa and eager attention implementations (checked on CPU, transformers 5.23), *but only when no
+attention_mask is passed and no KV cache exists*. So packed batches carry `position_ids` and no
+`attention_mask`, and the model MUST be called with `use_cache=False` (Llama's config defaults to
+use_cache=True, which creates a DynamicCache and silently disables the detection: attention then crosses
+example boundaries). tests/test_data.py checks isolation against running each example alone.
+The first token of every example is labelled -100 so the previous example's last token is never trained
+to predict the next example's bos: the packed loss is exactly the sum of the examples' separate losses.
 
 Without packing, rows keep their own length and a micro batch is right-padded to its longest row
 (pad id, label -100, attention_mask 0).
