@@ -150,6 +150,19 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool, where: str
         raise QdoraError(f"{where}: the chat template failed on this conversation ({e})") from e
 
 
+_SENTINEL = "QDORASENTINEL7f3a"
+
+
+def _opening(tokenizer, message: dict, where: str) -> str:
+    """What a template puts before an assistant turn that opens the conversation (bos, header).
+
+    transformers refuses to render an empty conversation with a generation prompt, so render the turn with
+    a placeholder content and keep what precedes it.
+    """
+    text = _render(tokenizer, [{**message, "content": _SENTINEL}], False, where)
+    return text[: text.index(_SENTINEL)] if _SENTINEL in text else ""
+
+
 def assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns (content + turn end)."""
     full = _render(tokenizer, messages, False, where)
@@ -157,7 +170,7 @@ def assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, l
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], True, where) if i else ""
+        before = _render(tokenizer, messages[:i], True, where) if i else _opening(tokenizer, m, where)
         upto = _render(tokenizer, messages[: i + 1], False, where)
         if not (upto.startswith(before) and full.startswith(upto)):
             raise QdoraError(

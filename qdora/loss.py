@@ -6,6 +6,9 @@ chunk's logits in the compute dtype, takes an fp32 log-softmax, and keeps only o
 token. The backward recomputes each chunk's logits, so the extra peak memory is O(chunk_size × vocab)
 (plus the fp32 lm_head gradient accumulator, only when the weight requires grad).
 
+The logits matmul runs in the lm_head weight's dtype (hidden states are cast to it; autocast is switched
+off inside so forward and backward agree); softmax, log-sum-exp and the loss are fp32.
+
 Labels are shifted inside: hidden state t predicts labels[t + 1], as transformers' causal LMs do.
 Tokens labelled `ignore_index` are dropped before any logits are computed, so prompt tokens under
 completion-only masking cost nothing.
@@ -29,6 +32,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _ChunkedCrossEntropy._forward(ctx, hidden, weight, targets, chunk_size)
+
+    @staticmethod
+    def _forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
         n = hidden.shape[0]
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -46,6 +54,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
+        with torch.autocast(grad_total.device.type, enabled=False):
+            return _ChunkedCrossEntropy._backward(ctx, grad_total)
+
+    @staticmethod
+    def _backward(ctx, grad_total: torch.Tensor):
         hidden, weight, targets, lse = ctx.saved_tensors
         chunk_size = ctx.chunk_size
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -98,6 +111,8 @@ def chunked_cross_entropy(
         zero = (flat[:0].sum() + weight[:0].sum()).float()
         return zero, torch.zeros((), dtype=torch.int64, device=hidden.device)
     selected = flat.index_select(0, keep) if count < flat.shape[0] else flat
+    if selected.dtype != weight.dtype:  # the lm_head's dtype is the compute dtype (autocast is off inside)
+        selected = selected.to(weight.dtype)
     total = _ChunkedCrossEntropy.apply(selected, weight, targets.index_select(0, keep), chunk_size)
     return total, torch.tensor(count, dtype=torch.int64, device=hidden.device)
 

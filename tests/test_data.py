@@ -234,6 +234,14 @@ def test_chat_masking_with_another_template_and_a_non_prefix_template(tok, tmp_p
         prepare_data(path, weird, 1024, completion_only=True)
 
 
+def test_conversation_opening_with_an_assistant_turn(tok, tmp_path):
+    chat = {"messages": [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Hi."}]}
+    data = prepare_data(_jsonl(tmp_path / "c.jsonl", [chat]), tok, SEQ, completion_only=True)
+    ids, labels = data.rows.example(0)
+    assert _trained_text(tok, torch.from_numpy(labels)) == "Hello.<|eot_id|>"
+    assert tok.decode(ids[: (labels != -100).argmax()].tolist()).endswith("assistant<|end_header_id|>\n\n")
+
+
 def test_chat_without_template_and_text_with_completion_only(tok, tmp_path):
     bare = build_bpe_tokenizer()
     bare.chat_template = None

@@ -68,6 +68,22 @@ def test_bf16_close_to_fp32_reference():
     torch.testing.assert_close(got_w.float(), ref_w, rtol=5e-2, atol=5e-2)
 
 
+def test_mixed_dtypes_and_autocast_use_the_weight_dtype():
+    hidden, weight, labels = _case(torch.float32, seq=32, hid=16, vocab=64, seed=5)
+    w16 = weight.detach().bfloat16()
+    ref = _naive(hidden.bfloat16(), w16, labels)
+    total, _ = chunked_cross_entropy(hidden, w16, labels, chunk_size=8)
+    torch.testing.assert_close(total, ref, rtol=1e-3, atol=1e-3)
+    (grad,) = torch.autograd.grad(total, hidden)
+    assert grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto, _ = chunked_cross_entropy(hidden, weight, labels, chunk_size=8)
+    (auto_grad,) = torch.autograd.grad(auto, hidden)
+    plain, _ = chunked_cross_entropy(hidden, weight, labels, chunk_size=8)
+    (plain_grad,) = torch.autograd.grad(plain, hidden)
+    assert torch.equal(auto, plain) and torch.equal(auto_grad, plain_grad)
+
+
 def test_all_ignored_rows_and_all_ignored_batch():
     hidden, weight, labels = _case(torch.float32, seed=2)
     labels[0] = -100  # one whole row without targets
