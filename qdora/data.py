@@ -15,13 +15,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qdora.data_formats import ENCODERS, IGNORE_INDEX, Example, resolve_format
+from qdora.data_formats import ENCODERS, IGNORE_INDEX, Example, Segment, resolve_format, tokenize
 from qdora.data_iter import BatchIterator
 from qdora.data_load import load_sources
 from qdora.data_pack import PackedRows, RaggedRows, pack_examples
 from qdora.errors import QdoraError
 
 log = logging.getLogger("qdora.data")
+_BLOCK = 1024  # records rendered, then tokenized together in one batched call
 
 
 @dataclass
@@ -70,14 +71,18 @@ def load_examples(
         used = resolve_format(fmt, source.rows.column_names, source.name)
         stats.formats[source.name] = used
         encode = ENCODERS[used]
+        block: list[list[Segment]] = []
         for i, record in enumerate(source.rows):
-            where = source.where(i)
-            example = encode(record, tokenizer, completion_only, where)
-            if example is None:
+            rendered = encode(record, tokenizer, completion_only, source.where(i))
+            if rendered is None:
                 stats.dropped += 1
-            else:
-                examples.append(example)
-                origins.append(where)
+                continue
+            block.append(rendered)
+            origins.append(source.where(i))
+            if len(block) == _BLOCK:
+                examples += tokenize(block, tokenizer)
+                block = []
+        examples += tokenize(block, tokenizer)
     return examples, origins, stats
 
 
@@ -133,5 +138,5 @@ def prepare_data(
     rows = pack_examples(examples, seq_len, pad_id) if pack else RaggedRows(examples, pad_id)
     stats.rows = len(rows)
     stats.tokens = sum(len(ids) for ids, _ in examples)
-    stats.trained_tokens = sum(sum(t != IGNORE_INDEX for t in lab[1:]) for _, lab in examples)
+    stats.trained_tokens = rows.trained_tokens()
     return PreparedData(rows, stats, seq_len)

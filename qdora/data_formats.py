@@ -19,6 +19,7 @@ Completion-only masking (labels -100 on the prompt):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from qdora.errors import QdoraError
 
@@ -76,28 +77,23 @@ def _string(record: dict, field: str, where: str, optional: bool = False) -> str
     return value
 
 
-def _eos_id(tokenizer) -> int:
-    if tokenizer.eos_token_id is None:
-        raise QdoraError("the tokenizer has no eos token: examples could not be terminated")
-    return tokenizer.eos_token_id
+class Segment(NamedTuple):
+    """A piece of an example's text: tokenized on its own, trained or masked as a whole."""
+
+    text: str
+    trained: bool
+    special: bool = False  # tokenize with the tokenizer's special tokens (bos) around it
+    eos: bool = False  # end with the eos token
 
 
-def _ids(tokenizer, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
-
-
-def encode_text(record: dict, tokenizer, completion_only: bool, where: str) -> Example | None:
+def encode_text(record: dict, tokenizer, completion_only: bool, where: str) -> list[Segment] | None:
     """A plain document: all tokens trained. Empty documents are skipped (None)."""
     if completion_only:
         raise QdoraError("completion_only needs a prompt/response format (alpaca or chat), not text")
     text = _string(record, "text", where)
     if not text.strip():
         return None
-    ids = _ids(tokenizer, text, special=True)
-    eos = _eos_id(tokenizer)
-    if not ids or ids[-1] != eos:
-        ids.append(eos)
-    return ids, list(ids)
+    return [Segment(text, trained=True, special=True, eos=True)]
 
 
 def alpaca_prompt(instruction: str, input_text: str = "") -> str:
@@ -107,17 +103,11 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
     return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
 
 
-def encode_alpaca(record: dict, tokenizer, completion_only: bool, where: str) -> Example:
+def encode_alpaca(record: dict, tokenizer, completion_only: bool, where: str) -> list[Segment]:
     """Prompt (with the tokenizer's usual bos) + output + eos; the prompt is masked if completion_only."""
     prompt = alpaca_prompt(_string(record, "instruction", where), _string(record, "input", where, True))
     output = _string(record, "output", where)
-    eos = _eos_id(tokenizer)
-    prompt_ids = _ids(tokenizer, prompt, special=True)
-    if prompt_ids and prompt_ids[-1] == eos:  # tokenizers that append eos themselves
-        prompt_ids.pop()
-    response_ids = _ids(tokenizer, output, special=False) + [eos]
-    prompt_labels = [IGNORE_INDEX] * len(prompt_ids) if completion_only else list(prompt_ids)
-    return prompt_ids + response_ids, prompt_labels + response_ids
+    return [Segment(prompt, not completion_only, special=True), Segment(output, trained=True, eos=True)]
 
 
 def _messages(record: dict, where: str) -> list[dict]:
@@ -182,26 +172,55 @@ def assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, l
     return full, spans
 
 
-def encode_chat(record: dict, tokenizer, completion_only: bool, where: str) -> Example:
+def encode_chat(record: dict, tokenizer, completion_only: bool, where: str) -> list[Segment]:
     """The conversation rendered with the tokenizer's chat template; only assistant turns trained if asked."""
     if not getattr(tokenizer, "chat_template", None):
         raise QdoraError("chat format needs a tokenizer with a chat template; this tokenizer has none")
     messages = _messages(record, where)
     if not completion_only:
-        ids = _ids(tokenizer, _render(tokenizer, messages, False, where), special=False)
-        return ids, list(ids)
+        return [Segment(_render(tokenizer, messages, False, where), trained=True)]
     full, spans = assistant_spans(tokenizer, messages, where)
-    ids: list[int] = []
-    labels: list[int] = []
+    segments = []
     cursor = 0
     for start, stop in [*spans, (len(full), len(full))]:
-        for text, trained in ((full[cursor:start], False), (full[start:stop], True)):
-            if text:
-                piece = _ids(tokenizer, text, special=False)
-                ids += piece
-                labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        segments += [Segment(full[cursor:start], False), Segment(full[start:stop], True)]
         cursor = stop
-    return ids, labels
+    return [seg for seg in segments if seg.text]
+
+
+def tokenize(rendered: Sequence[list[Segment]], tokenizer) -> list[Example]:
+    """Token ids and labels for rendered examples, tokenizing all their segments in two batched calls.
+
+    A special segment keeps what the tokenizer adds (bos) but not an eos it may append itself; an `eos`
+    segment ends with exactly one eos.
+    """
+    if tokenizer.eos_token_id is None:
+        raise QdoraError("the tokenizer has no eos token: examples could not be terminated")
+    eos = tokenizer.eos_token_id
+    flat = [seg for segments in rendered for seg in segments]
+    ids: list[list[int] | None] = [None] * len(flat)
+    for special in (True, False):
+        which = [i for i, seg in enumerate(flat) if seg.special == special]
+        if which:
+            encoded = tokenizer([flat[i].text for i in which], add_special_tokens=special)["input_ids"]
+            for i, piece in zip(which, encoded, strict=True):
+                ids[i] = list(piece)
+    examples = []
+    k = 0
+    for segments in rendered:
+        ex_ids: list[int] = []
+        ex_labels: list[int] = []
+        for seg in segments:
+            piece = ids[k]
+            k += 1
+            if seg.special and piece and piece[-1] == eos and not seg.text.endswith(tokenizer.eos_token):
+                piece.pop()
+            if seg.eos and (not piece or piece[-1] != eos):
+                piece.append(eos)
+            ex_ids += piece
+            ex_labels += piece if seg.trained else [IGNORE_INDEX] * len(piece)
+        examples.append((ex_ids, ex_labels))
+    return examples
 
 
 ENCODERS = {"text": encode_text, "alpaca": encode_alpaca, "chat": encode_chat}

@@ -37,6 +37,10 @@ class PackedRows:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def trained_tokens(self) -> int:
+        """Tokens that are predicted (have a label) — packing already masked each example's first token."""
+        return int((self.labels != IGNORE_INDEX).sum())
+
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
         return {
@@ -60,6 +64,11 @@ class RaggedRows:
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    def trained_tokens(self) -> int:
+        """Tokens that are predicted: labelled ones, except each example's first (nothing precedes it)."""
+        firsts = self.labels[self.offsets[:-1]]
+        return int((self.labels != IGNORE_INDEX).sum() - (firsts != IGNORE_INDEX).sum())
 
     def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = self.offsets[i], self.offsets[i + 1]
