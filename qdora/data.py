@@ -2,7 +2,10 @@
 
     data = prepare_data("train.jsonl", tokenizer, seq_len=2048, fmt="auto", completion_only=True, pack=True)
     for batch in data.batches(micro_batch=4, epochs=2, seed=0, rank=rank, world_size=world):
-        ...  # batch: input_ids, labels, and attention_mask (padded) or position_ids (packed)
+        # batch: input_ids, labels, and attention_mask (padded) or position_ids (packed)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        hidden = model.model(**inputs, use_cache=False).last_hidden_state  # use_cache=False: see data_pack
+        loss_sum, count = chunked_cross_entropy(hidden, model.lm_head.weight, batch["labels"])
 
 Truncation: an example longer than `seq_len` keeps its first `seq_len` tokens, and one warning says how
 many were cut (`truncate=False` refuses them instead, naming the first). Examples left without any
@@ -30,12 +33,12 @@ class DataStats:
     """What preparation did, for the run log."""
 
     formats: dict[str, str] = field(default_factory=dict)  # source name -> format used
-    examples: int = 0
-    truncated: int = 0
-    dropped: int = 0
-    rows: int = 0
-    tokens: int = 0
-    trained_tokens: int = 0
+    examples: int = 0  # records tokenized (empty text records excluded)
+    truncated: int = 0  # examples cut to seq_len
+    dropped: int = 0  # records/examples without any trained token
+    rows: int = 0  # rows the iterator draws from (packed rows, or examples)
+    tokens: int = 0  # tokens kept, padding excluded
+    trained_tokens: int = 0  # tokens that carry a loss
 
 
 @dataclass

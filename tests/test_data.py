@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from qdora.data import prepare_data
@@ -493,6 +493,22 @@ def test_rank_sharding_equals_one_process_with_the_global_batch():
         parts = [_row_ids(ranks[r][step]) for r in range(3)]
         assert sum(parts, []) == _row_ids(whole)
         assert len(set(parts[0]) & set(parts[1])) == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), st.integers(0, 99))
+def test_sharding_and_resume_for_any_layout(n, micro, world, epochs, cut):
+    assume(n >= micro * world)
+    rows = _rows(n)
+    single = [_row_ids(b) for b in BatchIterator(rows, micro * world, epochs, seed=n)]
+    for r in range(world):
+        it = BatchIterator(rows, micro, epochs, seed=n, rank=r, world_size=world)
+        stream = iter(it)
+        head = [_row_ids(next(stream)) for _ in range(cut % (len(it) + 1))]
+        resumed = BatchIterator(rows, micro, epochs, seed=n, rank=r, world_size=world)
+        resumed.load_state_dict(it.state_dict())
+        mine = head + [_row_ids(b) for b in resumed]
+        assert mine == [whole[r * micro : (r + 1) * micro] for whole in single]
 
 
 def test_iterator_refuses_bad_resume_and_tiny_datasets():
