@@ -1,4 +1,7 @@
-"""Record formats (text, alpaca, chat): detection, validation, and rendering to token ids + labels.
+"""Record formats (text, alpaca, chat): detection, validation, rendering to segments, tokenization.
+
+Each record is rendered to text segments (trained or masked), then segments of many records are
+tokenized together in batched calls (`tokenize`).
 
 Every example ends with the tokenizer's end token (eos for text/alpaca, the chat template's own turn
 end for chat) so that packed examples are separated by it and the model learns to stop.
@@ -10,7 +13,9 @@ Completion-only masking (labels -100 on the prompt):
   are found by rendering the conversation incrementally with the tokenizer's own chat template:
   turn i spans from the end of render(messages[:i], add_generation_prompt=True) to the end of
   render(messages[:i+1]). This works for any template that renders conversations as growing prefixes
-  (Llama 3, ChatML/Qwen2, Mistral...); a template that does not is refused with a clear error.
+  (tested: Llama 3, ChatML as used by Qwen2); a template that does not is refused with a clear error.
+  An assistant turn that opens the conversation starts after what the template puts before its
+  content (found by rendering it with a placeholder content).
   Each span is tokenized on its own, so the prompt tokens are exactly what inference feeds the model
   after `add_generation_prompt=True`. (transformers' `return_assistant_tokens_mask` needs
   `{% generation %}` markers that Llama 3's and most published templates lack, so it is not relied on.)
