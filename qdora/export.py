@@ -17,7 +17,7 @@ from qdora.errors import QdoraError
 from qdora.gguf_config import ModelSpec, read_spec, write_hparams
 from qdora.gguf_tensors import OUTTYPES, TensorPlan, add_tensor_infos, plan_tensors, write_tensor_data
 from qdora.gguf_tokenizer import VocabInfo, read_vocab, write_vocab
-from qdora.llamacpp_quantize import quantize_gguf, quantized_path
+from qdora.llamacpp_quantize import llama_ftype, quantize_gguf, quantized_path
 from qdora.modelfile import chat_format, write_modelfile
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ def export_gguf(
     if outtype not in OUTTYPES:
         raise QdoraError(f"unknown outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     qtypes = [quantize] if isinstance(quantize, str) else list(quantize or [])
+    for qtype in qtypes:
+        llama_ftype(qtype)  # llama-cpp-python present and the name known, before anything is written
     if not output_path.parent.is_dir():
         raise QdoraError(f"output folder {output_path.parent} does not exist")
     spec = read_spec(model_dir)

@@ -163,12 +163,12 @@ def read_vocab(model_dir: Path, n_rows: int, config_ids: dict[str, int | None]) 
         score = 0.0
         if text is None:
             text, ttype = f"[PAD{i}]", TT.UNUSED
+        elif i == tok.unk_token_id:
+            ttype = TT.UNKNOWN
         elif i in added:
             ttype = TT.CONTROL if added[i].special else TT.USER_DEFINED
         elif kind == "llama" and _BYTE_TOKEN.fullmatch(text):
             ttype = TT.BYTE
-        elif kind == "llama" and i == tok.unk_token_id:
-            ttype = TT.UNKNOWN
         else:
             ttype = TT.NORMAL
             score = scores.get(text, 0.0)

@@ -25,16 +25,22 @@ def quantized_path(gguf_path: Path, qtype: str) -> Path:
     return gguf_path.with_name(f"{gguf_path.stem}.{qtype.upper()}{gguf_path.suffix}")
 
 
-def quantize_gguf(src: Path, dst: Path, qtype: str) -> Path:
-    """Quantize the GGUF `src` to `dst` with llama.cpp's default parameters for `qtype` (e.g. Q4_K_M)."""
+def llama_ftype(qtype: str) -> int:
+    """llama.cpp's file-type id for a quantization name like Q4_K_M; clear errors before any work is done."""
     llama_cpp = _llama_cpp()
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}", None)
     if ftype is None:
         known = sorted(n.removeprefix("LLAMA_FTYPE_MOSTLY_") for n in dir(llama_cpp)
                        if n.startswith("LLAMA_FTYPE_MOSTLY_"))
         raise QdoraError(f"unknown quantization {qtype!r}; llama.cpp offers {', '.join(known)}")
+    return int(ftype)
+
+
+def quantize_gguf(src: Path, dst: Path, qtype: str) -> Path:
+    """Quantize the GGUF `src` to `dst` with llama.cpp's default parameters for `qtype` (e.g. Q4_K_M)."""
+    llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
+    params.ftype = llama_ftype(qtype)
     params.nthread = os.cpu_count() or 1
     tmp = dst.with_name(f".{dst.name}.tmp")
     try:
