@@ -361,3 +361,54 @@ def test_cli_export_and_errors(models, tmp_path):
                                   "--quantize", "Q9_XX"])
     assert result.exit_code == 1
     assert "Q9_XX" in result.output or "llama-cpp-python" in result.output
+
+
+# --- checkpoints as merges write them -----------------------------------------------------------------
+
+
+def test_bf16_checkpoint_exports_losslessly_to_bf16(tmp_path):
+    from qdora.tiny import build_tiny_model
+
+    d = build_tiny_model(tmp_path / "bf16", dtype=torch.bfloat16, initializer_range=0.2)
+    _, tensors = _read(export_gguf(d, tmp_path / "m.gguf", outtype="bf16"))
+    with safe_open(d / "model.safetensors", framework="pt") as f:
+        src = f.get_tensor("model.layers.0.mlp.up_proj.weight")
+    ours = np.asarray(tensors["blk.0.ffn_up.weight"].data).view(np.uint16).reshape(src.shape)
+    np.testing.assert_array_equal(ours, src.view(torch.int16).numpy().view(np.uint16))
+
+
+def test_sharded_checkpoint_equals_single_file(models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    model = AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32)
+    model.save_pretrained(sharded, max_shard_size="40KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(models["llama"] / name, sharded / name)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    a = export_gguf(models["llama"], tmp_path / "single.gguf", outtype="f32")
+    b = export_gguf(sharded, tmp_path / "sharded.gguf", outtype="f32")
+    ta, tb = _read(a)[1], _read(b)[1]
+    assert list(ta) == list(tb)
+    for name in ta:
+        np.testing.assert_array_equal(np.asarray(ta[name].data), np.asarray(tb[name].data))
+
+
+def test_quantize_without_llama_cpp_says_how_to_install(models, tmp_path):
+    """Run in a fresh interpreter where `import llama_cpp` fails, as on a machine without it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['llama_cpp'] = None\n"
+        "from qdora.export import export_gguf\n"
+        "from qdora.errors import QdoraError\n"
+        f"try:\n    export_gguf({str(models['llama'])!r}, {str(tmp_path / 'm.gguf')!r}, quantize='Q4_K_M')\n"
+        "except QdoraError as e:\n    print('QdoraError:', e)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "QdoraError: --quantize needs llama-cpp-python" in out.stdout
+    assert "install_llamacpp.sh" in out.stdout
+    assert list(tmp_path.iterdir()) == []  # refused before writing anything
