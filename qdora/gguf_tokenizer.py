@@ -34,6 +34,8 @@ QWEN2_REGEX = (  # Qwen2 / Qwen2.5: one digit per piece
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 BPE_PRE_TOKENIZERS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+# llama.cpp ties BPE's `ignore_merges` (a pre-token found whole in the vocabulary stays whole) to the name.
+LLAMACPP_IGNORES_MERGES = {"llama-bpe": True, "qwen2": False}
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
@@ -79,6 +81,10 @@ def bpe_pre_name(tokenizer_json: dict[str, Any]) -> str:
     if kinds == ["Split", "ByteLevel"] and splits_ok and not byte_level[0].get("use_regex", True):
         name = BPE_PRE_TOKENIZERS.get(regexes[0])
         if name is not None:
+            if bool(tokenizer_json["model"].get("ignore_merges", False)) != LLAMACPP_IGNORES_MERGES[name]:
+                log.warning("tokenizer.json sets ignore_merges=%s but llama.cpp's %s uses %s: rare words may "
+                            "split differently", tokenizer_json["model"].get("ignore_merges", False), name,
+                            LLAMACPP_IGNORES_MERGES[name])
             return name
     found = f"split regex {regexes[0]!r}" if regexes else f"pre-tokenizer steps {kinds}"
     raise QdoraError(
