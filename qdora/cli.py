@@ -20,8 +20,7 @@ def main() -> None:
               help="Merged model folder (safetensors + config.json + tokenizer.json).")
 @click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="GGUF file to write.")
-@click.option("--outtype", default="f16", show_default=True,
-              type=click.Choice(["f16", "bf16", "f32", "q8_0"], case_sensitive=False),
+@click.option("--outtype", default="f16", show_default=True, metavar="f16|bf16|f32|q8_0",
               help="Type of the 2-D weights (norms and biases stay f32).")
 @click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile next to the GGUF.")
 @click.option("--quantize", multiple=True, metavar="TYPE",

@@ -36,7 +36,7 @@ def export_gguf(
     writing `<stem>.<TYPE>.gguf` next to it. `modelfile` writes an Ollama `Modelfile` beside the
     files. Returns the GGUF a user would run: the first quantized file if any, else `output_path`.
     """
-    model_dir, output_path = Path(model_dir), Path(output_path)
+    model_dir, output_path, outtype = Path(model_dir), Path(output_path), outtype.lower()
     if outtype not in OUTTYPES:
         raise QdoraError(f"unknown outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     qtypes = [quantize] if isinstance(quantize, str) else list(quantize or [])

@@ -358,6 +358,9 @@ def test_cli_export_and_errors(models, tmp_path):
     assert result.exit_code == 1
     assert "Error: " in result.output and "no config.json" in result.output
     result = runner.invoke(main, ["export", "--model", str(models["qwen2"]), "--output", str(out),
+                                  "--outtype", "q4"])
+    assert result.exit_code == 1 and "unknown outtype 'q4'" in result.output
+    result = runner.invoke(main, ["export", "--model", str(models["qwen2"]), "--output", str(out),
                                   "--quantize", "Q9_XX"])
     assert result.exit_code == 1
     assert "Q9_XX" in result.output or "llama-cpp-python" in result.output
