@@ -12,6 +12,7 @@ argmax and byte-identity with llama.cpp's own Q8_0 instead.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import gguf
@@ -201,3 +202,37 @@ def test_q4_k_m_through_llamacpp_quantizer(tmp_path):
         assert np.corrcoef(hf.ravel(), q4.ravel())[0, 1] > 0.75
     finally:
         cpp.close()
+
+
+@pytest.mark.parametrize(
+    ("case", "plain_added"),
+    [("llama", ["<think>", "</think>"]), ("qwen2", ["<think>", "</think>"]), ("mistral_spm", [])],
+)
+def test_tokens_added_by_a_fine_tune(models, tmp_path, case, plain_added):
+    """A fine-tune that added tokens (the case llama.cpp's hash-based converter refuses) exports, and
+    llama.cpp splits them out of text like HF. SentencePiece vocabularies get special tokens only: HF
+    matches plain added tokens there on the `▁`-normalized text, which llama.cpp does not reproduce."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "finetuned"
+    shutil.copytree(models[case], d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.add_tokens(plain_added)
+    tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    tok.save_pretrained(d)
+    tok = AutoTokenizer.from_pretrained(d)
+    out = export_gguf(d, tmp_path / "ft.gguf")
+    types = gguf.GGUFReader(out).fields["tokenizer.ggml.token_type"].contents()
+    assert types[tok.convert_tokens_to_ids("<|tool|>")] == gguf.TokenType.CONTROL
+    for t in plain_added:
+        assert types[tok.convert_tokens_to_ids(t)] == gguf.TokenType.USER_DEFINED
+    llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
+    try:
+        texts = ["a <|tool|> b", "<|tool|>x", "x<|tool|>\n"]
+        if plain_added:
+            texts += ["a <think> b </think>c", "<think>x</think> <|tool|> y", " <think>\n"]
+        for text in texts:
+            expected = tok(text)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == expected, text
+    finally:
+        llm.close()
