@@ -2,16 +2,17 @@
 
 The GGUF header lists every tensor (name, shape, type, offset) before any data, so export is two passes:
 `plan_tensors` reads only safetensors headers to build that list, then `write_tensor_data` loads, converts
-and writes each tensor in turn. At most one tensor (in float32) is in memory at once.
+and writes each tensor in turn, a block of rows at a time: memory stays bounded by one block (or one Q/K
+matrix), never the model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -28,6 +29,9 @@ OUTTYPES: dict[str, tuple[Q, gguf.LlamaFileType]] = {
     "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
+
+# float32 bytes converted at once: bounds export memory whatever the model size.
+CHUNK_BYTES = 256 * 2**20
 
 # HF buffers that are recomputed from the config and must not be written.
 _SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -156,26 +160,41 @@ def add_tensor_infos(writer: gguf.GGUFWriter, plans: list[TensorPlan]) -> None:
         writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
 
 
-def converted_tensors(plans: list[TensorPlan]) -> Iterator[tuple[TensorPlan, np.ndarray]]:
-    """Yield each tensor converted to its GGUF layout and type, loading one at a time."""
+def _row_ranges(p: TensorPlan, chunk_bytes: int) -> list[slice]:
+    """Row blocks of about `chunk_bytes` float32 bytes. Q/K (permuted across rows) and 1-D go whole;
+    every GGUF type here encodes rows independently, so chunked output is byte-identical to whole."""
+    if p.data is not None or p.permute_heads or len(p.shape) < 2:
+        return [slice(None)]
+    step = max(1, chunk_bytes // (4 * int(np.prod(p.shape[1:]))))
+    return [slice(i, min(i + step, p.shape[0])) for i in range(0, p.shape[0], step)]
+
+
+def write_tensor_data(
+    writer: gguf.GGUFWriter, plans: list[TensorPlan], chunk_bytes: int | None = None
+) -> None:
+    """Stream the tensors into the file in the order `add_tensor_infos` declared them, converting a block
+    of rows at a time (a 128k x 8k embedding is 4 GiB in float32; a block is CHUNK_BYTES)."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    assert writer.fout is not None and len(writer.fout) == 1
+    fout = writer.fout[0]
     with contextlib.ExitStack() as stack:
-        handles = {}
+        handles: dict[Path, Any] = {}
         for p in plans:
-            if p.data is not None:
-                data = p.data
-            else:
-                assert p.file is not None and p.source is not None
-                if p.file not in handles:
-                    handles[p.file] = stack.enter_context(safe_open(p.file, framework="pt"))
-                data = handles[p.file].get_tensor(p.source).float().numpy()
-            if p.permute_heads:
-                data = permute_rotary(data, p.permute_heads)
-            yield p, _encode(data, p.qtype)
-
-
-def write_tensor_data(writer: gguf.GGUFWriter, plans: list[TensorPlan]) -> None:
-    """Stream the tensors into the file in the order `add_tensor_infos` declared them."""
-    for p, encoded in converted_tensors(plans):
-        if encoded.nbytes != p.nbytes:
-            raise AssertionError(f"{p.name}: {encoded.nbytes} bytes, planned {p.nbytes}")
-        writer.write_tensor_data(encoded)
+            writer.write_padding(fout, fout.tell())  # each tensor starts aligned, as GGUFWriter does
+            written = 0
+            for rows in _row_ranges(p, chunk_bytes):
+                if p.data is not None:
+                    data = p.data
+                else:
+                    assert p.file is not None and p.source is not None
+                    if p.file not in handles:
+                        handles[p.file] = stack.enter_context(safe_open(p.file, framework="pt"))
+                    data = handles[p.file].get_slice(p.source)[rows].float().numpy()
+                if p.permute_heads:
+                    data = permute_rotary(data, p.permute_heads)
+                encoded = _encode(data, p.qtype)
+                encoded.tofile(fout)
+                written += encoded.nbytes
+            if written != p.nbytes:
+                raise AssertionError(f"{p.name}: wrote {written} bytes, planned {p.nbytes}")
+            writer.write_padding(fout, written)

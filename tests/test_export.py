@@ -415,3 +415,14 @@ def test_quantize_without_llama_cpp_says_how_to_install(models, tmp_path):
     assert "QdoraError: --quantize needs llama-cpp-python" in out.stdout
     assert "install_llamacpp.sh" in out.stdout
     assert list(tmp_path.iterdir()) == []  # refused before writing anything
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0", "bf16"])
+def test_row_blocks_give_the_same_file(models, tmp_path, monkeypatch, outtype):
+    """Converting a few rows at a time (as for a huge embedding) writes the same bytes as whole tensors."""
+    import qdora.gguf_tensors as tensors_mod
+
+    whole = export_gguf(models["mistral_spm"], tmp_path / "whole.gguf", outtype=outtype).read_bytes()
+    monkeypatch.setattr(tensors_mod, "CHUNK_BYTES", 3 * 64 * 4 + 5)  # 3 rows of the 64-wide tensors
+    blocks = export_gguf(models["mistral_spm"], tmp_path / "blocks.gguf", outtype=outtype).read_bytes()
+    assert blocks == whole
