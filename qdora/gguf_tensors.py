@@ -12,7 +12,6 @@ import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
@@ -31,7 +30,7 @@ OUTTYPES: dict[str, tuple[Q, gguf.LlamaFileType]] = {
 }
 
 # float32 bytes converted at once: bounds export memory whatever the model size.
-CHUNK_BYTES = 256 * 2**20
+CHUNK_BYTES = 64 * 2**20
 
 # HF buffers that are recomputed from the config and must not be written.
 _SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -177,24 +176,23 @@ def write_tensor_data(
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     assert writer.fout is not None and len(writer.fout) == 1
     fout = writer.fout[0]
-    with contextlib.ExitStack() as stack:
-        handles: dict[Path, Any] = {}
-        for p in plans:
-            writer.write_padding(fout, fout.tell())  # each tensor starts aligned, as GGUFWriter does
-            written = 0
+    for p in plans:
+        writer.write_padding(fout, fout.tell())  # each tensor starts aligned, as GGUFWriter does
+        written = 0
+        # A fresh mapping per tensor: closing it lets the pages already read go, so resident memory
+        # does not grow with the checkpoint.
+        with contextlib.ExitStack() as stack:
+            source = None
+            if p.data is None:
+                assert p.file is not None and p.source is not None
+                source = stack.enter_context(safe_open(p.file, framework="pt")).get_slice(p.source)
             for rows in _row_ranges(p, chunk_bytes):
-                if p.data is not None:
-                    data = p.data
-                else:
-                    assert p.file is not None and p.source is not None
-                    if p.file not in handles:
-                        handles[p.file] = stack.enter_context(safe_open(p.file, framework="pt"))
-                    data = handles[p.file].get_slice(p.source)[rows].float().numpy()
+                data = p.data if source is None else source[rows].float().numpy()
                 if p.permute_heads:
                     data = permute_rotary(data, p.permute_heads)
                 encoded = _encode(data, p.qtype)
                 encoded.tofile(fout)
                 written += encoded.nbytes
-            if written != p.nbytes:
-                raise AssertionError(f"{p.name}: wrote {written} bytes, planned {p.nbytes}")
-            writer.write_padding(fout, written)
+        if written != p.nbytes:
+            raise AssertionError(f"{p.name}: wrote {written} bytes, planned {p.nbytes}")
+        writer.write_padding(fout, written)
