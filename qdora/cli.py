@@ -38,5 +38,35 @@ def export(model_dir: str, output: str, outtype: str, modelfile: bool, quantize:
     click.echo(f"GGUF ready: {path}")
 
 
+@main.command()
+@click.option("--adapter", "adapter_dir", required=True, type=click.Path(path_type=str),
+              help="Adapter folder (adapter_config.json + adapter_model.safetensors, PEFT format).")
+@click.option("--output", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Folder to write the merged Hugging Face model to.")
+@click.option("--base-model", default=None, type=click.Path(path_type=str),
+              help="Full-precision base model folder [default: the adapter's base_model_name_or_path].")
+@click.option("--dtype", default="bf16", show_default=True, metavar="bf16|fp16|fp32", help="Output weight dtype.")
+@click.option("--base", "base_kind", default="dequantized", show_default=True,
+              type=click.Choice(["dequantized", "original"]),
+              help="dequantized: merge onto the NF4 round trip of the base, the weights training saw (untargeted "
+                   "block linears are written dequantized too), so the merged model is the trained model. "
+                   "original: merge onto the full-precision base; untouched directions keep full precision, but "
+                   "it is not the function that was trained (the magnitude was learned against the NF4 norms).")
+@click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard (e.g. 500MB, 5GB).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUTPUT folder.")
+def merge(adapter_dir: str, output: str, base_model: str | None, dtype: str, base_kind: str, shard_size: str,
+          overwrite: bool) -> None:
+    """Merge an adapter into its base: a full-precision checkpoint that loads with plain transformers."""
+    from qdora.merge import merge_adapter
+
+    try:
+        res = merge_adapter(adapter_dir, output, base_model=base_model, dtype=dtype, base=base_kind,
+                            shard_size=shard_size, overwrite=overwrite)
+    except QdoraError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"merged {res.merged} adapted weights, dequantized {res.dequantized} frozen NF4 weights; "
+               f"{res.total_bytes / 1e9:.2f} GB in {res.shards} shard(s) -> {res.output}")
+
+
 if __name__ == "__main__":
     main()
