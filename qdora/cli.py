@@ -68,5 +68,38 @@ def merge(adapter_dir: str, output: str, base_model: str | None, dtype: str, bas
                f"{res.total_bytes / 1e9:.2f} GB in {res.shards} shard(s) -> {res.output}")
 
 
+@main.command()
+@click.option("--adapter", "adapter_dir", default=None, type=click.Path(path_type=str),
+              help="An adapter folder (PEFT format): W' is the adapter merged onto the base.")
+@click.option("--finetuned", default=None, type=click.Path(path_type=str),
+              help="A fully fine-tuned HF model folder, compared with --base-model directly.")
+@click.option("--checkpoints", multiple=True, type=click.Path(path_type=str),
+              help="Checkpoint folders of one run (OUTPUT/checkpoint-STEP, each an adapter): the trajectory. "
+                   "`--checkpoints run/checkpoint-*` works unquoted.")
+@click.option("--base-model", default=None, type=click.Path(path_type=str),
+              help="Base model folder [default for adapters: the adapter's base_model_name_or_path].")
+@click.option("--base", "base_kind", default=None, type=click.Choice(["dequantized", "original"]),
+              help="W to compare against: the NF4 round trip training saw (default for adapters) or the "
+                   "full-precision weights (default for --finetuned).")
+@click.option("--output", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Folder for decomposition.csv and decomposition.png.")
+@click.argument("more_checkpoints", nargs=-1, type=click.Path(path_type=str))
+def analyze(adapter_dir: str | None, finetuned: str | None, checkpoints: tuple[str, ...], base_model: str | None,
+            base_kind: str | None, output: str, more_checkpoints: tuple[str, ...]) -> None:
+    """Magnitude/direction change of each adapted weight (the DoRA paper's weight-decomposition analysis)."""
+    from qdora.analyze import format_table, run_analysis
+
+    try:
+        if more_checkpoints and not checkpoints:
+            raise QdoraError(f"unexpected arguments {' '.join(more_checkpoints)}")
+        rows, summary = run_analysis(output, adapter=adapter_dir, finetuned=finetuned,
+                                     checkpoints=[*checkpoints, *more_checkpoints], base_model=base_model,
+                                     base=base_kind)
+    except QdoraError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(format_table(summary))
+    click.echo(f"{len(rows)} weights -> {output}/decomposition.csv, {output}/decomposition.png")
+
+
 if __name__ == "__main__":
     main()
