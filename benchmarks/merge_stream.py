@@ -10,7 +10,6 @@ RSS (`resource.getrusage(RUSAGE_CHILDREN)`), next to a child that only imports w
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import time

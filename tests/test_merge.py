@@ -88,6 +88,19 @@ def test_equals_peft_merge_and_unload_on_the_dequantized_base(tiny_llama_dir, ad
         assert rel(t, reference[key]) <= 1e-5, key
 
 
+def test_qwen2_with_biases_tied_embeddings_and_a_bf16_base(tmp_path):
+    from qdora.tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "qwen", family="qwen2", dtype=torch.bfloat16, tie_word_embeddings=True)
+    adapter = make_adapter(base, tmp_path / "a", "dora", target=["q_proj", "v_proj", "up_proj"])
+    res = merge_adapter(adapter, tmp_path / "out", dtype="fp32")
+    written = load_file(str(res.output / "model.safetensors"))
+    assert "lm_head.weight" not in written and "model.layers.0.self_attn.q_proj.bias" in written
+    with torch.no_grad():
+        ours = load(res.output)(IDS).logits
+    assert rel(ours, adapted_logits(base, adapter)) <= 1e-4
+
+
 def test_sharded_input_and_output_load_with_plain_transformers(tiny_llama_dir, adapters, tmp_path):
     base = tmp_path / "sharded-base"
     load(tiny_llama_dir).save_pretrained(base, max_shard_size="200KB")
