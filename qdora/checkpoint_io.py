@@ -79,14 +79,10 @@ class CheckpointReader:
             return tuple(f.get_slice(key).get_shape())
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) one at a time, opening each shard once."""
-        by_file: dict[Path, list[str]] = {}
+        """(name, tensor) one at a time. Each tensor gets its own short-lived memory map: a map held open
+        across a whole shard keeps every page read so far resident (RSS grows to the shard's size)."""
         for k in self.keys():
-            by_file.setdefault(self.files[k], []).append(k)
-        for path, names in by_file.items():
-            with safe_open(str(path), framework="pt") as f:
-                for k in names:
-                    yield k, f.get_tensor(k)
+            yield k, self.get(k)
 
 
 class ShardedWriter:
