@@ -211,3 +211,24 @@ def test_cli_merges_and_overwrites(adapters, tmp_path):
     assert res.exit_code == 0, res.output
     assert "merged 4 adapted weights, dequantized 10" in res.output
     assert not (out / "stale.txt").exists() and (out / "model.safetensors.index.json").is_file()
+
+
+def test_failure_mid_stream_leaves_the_old_output_and_no_temporary(adapters, tmp_path, monkeypatch):
+    from qdora.merge_plan import AdapterMerge
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous merge")
+    real, calls = AdapterMerge.merged, []
+
+    def failing(self, key, w):  # a disk-full / interrupted run, after some shards were written
+        calls.append(key)
+        if len(calls) == 9:
+            raise OSError("No space left on device")
+        return real(self, key, w)
+
+    monkeypatch.setattr(AdapterMerge, "merged", failing)
+    with pytest.raises(OSError):
+        merge_adapter(adapters["dora"], out, dtype="fp32", shard_size="50KB", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
