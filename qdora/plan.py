@@ -12,11 +12,11 @@ The model is counted term by term (DESIGN.md §4), per GPU, for N ranks sharding
 - checkpoints: one hidden state per layer boundary, micro_batch·seq·hidden in bf16, for every layer
   (2 in flight with `--offload activations|all`).
 - recompute: one layer's saved tensors while its backward runs (see `layer_recompute_bytes`).
-- logits: transformers' full loss holds ~12 B per token per vocab entry (bf16 logits, fp32 copy,
-  fp32 log-softmax and its gradient); a chunked loss holds `LOSS_CHUNK_COPIES` fp32 copies of one chunk.
-  The loss and a layer's backward never run at once, so the larger of the two counts.
-- transient: the largest dequantized matrix (bf16) plus, when the base is sharded or offloaded, two
-  layers' NF4 bytes gathered (the current layer and FSDP2's prefetch of the next).
+- logits: transformers' full loss peaks at ~10 B per token per vocab entry (bf16 logits, their fp32
+  copy, the fp32 log-softmax); a chunked loss holds `LOSS_CHUNK_COPIES` fp32 copies of one chunk.
+- transient: the largest dequantized matrix (bf16), alive with the recompute (the loss and a layer's
+  backward never run at once, so the larger of loss and recompute+dequantized counts) plus, when the base
+  is sharded or offloaded, two layers' NF4 bytes gathered (the current layer and FSDP2's prefetch).
 - overhead: CUDA context and library workspaces (`CUDA_CONTEXT_GIB`, outside the caching allocator)
   and fragmentation (`FRAGMENTATION` of the allocated peak). Both are assumptions still to be measured.
 
@@ -39,7 +39,7 @@ NESTED = 256
 CUDA_CONTEXT_GIB = 0.75  # CUDA 12/13 context + cuBLAS workspace on Hopper/Ada: ~0.5-0.8 GiB (assumed)
 FRAGMENTATION = 0.05  # caching-allocator slack over the allocated peak (assumed, to be measured)
 LOSS_CHUNK_COPIES = 3  # fp32 logits chunk, its softmax/gradient, and a bf16 copy rounded up
-FULL_LOSS_BYTES = 12  # per token per vocab entry with transformers' default loss (see module doc)
+FULL_LOSS_BYTES = 10  # per token per vocab entry with transformers' default loss (see module doc)
 OFFLOADS = ("none", "activations", "params", "all")
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -105,7 +105,7 @@ class MemoryPlan:
             f"  adapters+grads+AdamW    {g(self.adapters)}   ({self.details['adapter_params']:,} params)",
             f"  checkpointed hiddens    {g(self.checkpoints)}",
             f"  layer recompute         {g(self.recompute)}",
-            f"  logits / loss           {g(self.logits)}   (the larger of this and the recompute counts)",
+            f"  logits / loss           {g(self.logits)}   (the larger of this and recompute+dequantized counts)",
             f"  transients              {g(self.transient)}",
             f"  = allocated peak        {g(self.allocated_bytes)}",
             f"  context+fragmentation   {g(self.overhead)}",
@@ -172,24 +172,24 @@ def adapter_param_count(shape: Shape, rank: int, method: str, targets: list[str]
 
 
 def layer_recompute_bytes(shape: Shape, tokens: int, method: str, act_bytes: int = 2) -> int:
-    """Bytes one decoder layer keeps for its backward when recomputed, plus its backward's gradients.
+    """Bytes alive for one recomputed decoder layer at its backward's peak (inside the MLP backward).
 
     Counted from what autograd saves in a Llama layer under bf16 autocast (T tokens, H hidden, Q = heads·
-    head_dim, K = kv dim, I intermediate): two RMSNorms keep an fp32 copy of their input (4·T·H each) and
-    their bf16 output; the QDoRA layers keep x (shared by q/k/v and by gate/up), x·Aᵀ (T·r, ignored) and,
-    for dora, the pre-scale output of every projection; attention keeps q, k, v and its output, o_proj
-    its input; the MLP keeps gate and up outputs, silu(gate) and the product. The backward adds about
-    three T·I gradient tensors in flight (d(product), d(silu), d(up)) and two T·H.
+    head_dim, K = kv dim, I intermediate). Attention half, not yet back-propagated: the RMSNorm's fp32
+    copy of its input (4 B·H) and bf16 output (the x shared by q/k/v), q and k after rope, v, the attention
+    output and o_proj's contiguous input; for dora also the pre-scale outputs of q, k, v and o. MLP half,
+    while the product's backward runs (down_proj's saved tensors already freed): the norm's fp32 copy and
+    output, gate and up outputs and silu(gate), the three I-sized gradients d(product), d(silu), d(up)
+    and two H-sized residual gradients; for dora also gate's and up's pre-scale outputs. x·Aᵀ (T·r) is
+    ignored. Checked against live-tensor measurements on CPU (tests/test_plan.py).
     """
     t, h, q, k, i = tokens, shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
-    n = (2 * 2 * h  # two norms' bf16 outputs (the projections' shared x)
-         + (q + 2 * k)  # q/k after rope, v (kept by attention)
-         + 2 * q  # attention output and o_proj's contiguous input
-         + 4 * i)  # gate out, up out, silu(gate), product
+    attn = h + (q + k) + k + 2 * q
+    mlp = h + 3 * i + 3 * i + 2 * h
     if method == "dora":
-        n += (q + 2 * k) + h + 2 * i + h  # pre-scale outputs of q/k/v, o, gate/up, down
-    grads = 3 * i + 2 * h
-    return t * (act_bytes * (n + grads) + 2 * 4 * h)
+        attn += (q + 2 * k) + h
+        mlp += 2 * i
+    return t * (act_bytes * (attn + mlp) + 2 * 4 * h)
 
 
 def plan_memory(
@@ -239,9 +239,10 @@ def plan_memory(
     else:
         logits = LOSS_CHUNK_COPIES * 4 * min(loss_chunk, tokens) * shape.vocab
     largest = max(o * i for o, i in shape.linears().values())
-    transient = largest * dtype_bytes + (2 * layer_nf4 if (gpus > 1 or offload_params) else 0)
+    dequantized = largest * dtype_bytes
+    transient = dequantized + (2 * layer_nf4 if (gpus > 1 or offload_params) else 0)
 
-    allocated = base + adapters + checkpoints + max(recompute, logits) + transient
+    allocated = base + adapters + checkpoints + max(recompute + dequantized, logits) + transient - dequantized
     overhead = int(CUDA_CONTEXT_GIB * GIB + FRAGMENTATION * allocated)
     total = allocated + overhead
     settings = dict(gpus=gpus, gpu_mem_gib=gpu_mem_gib, seq_len=seq_len, rank=rank, micro_batch=micro_batch,
