@@ -75,7 +75,14 @@ def batch(config, micro_batch: int, seq_len: int, device: torch.device, seed: in
 
 
 def _state_tensors(model, opt) -> list[torch.Tensor]:
+    """Everything alive before a step: parameters, buffers, optimizer states, and the statistics bnb keeps
+    as attributes of its Params4bit (absmax, code, nested state) that are neither parameters nor buffers."""
     tensors = list(model.parameters()) + list(model.buffers())
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        while qs is not None:
+            tensors += [t for t in (qs.absmax, qs.code, getattr(qs, "offset", None)) if isinstance(t, torch.Tensor)]
+            qs = getattr(qs, "state2", None)
     for state in opt.state.values():
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
     return tensors
