@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
+
+from qdora.errors import QdoraError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,7 +33,6 @@ def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, targ
     """Per-GPU memory of a QDoRA run, whether it fits, and the cheapest settings that make it fit."""
     import json
 
-    from qdora.errors import QdoraError
     from qdora.plan import load_config, plan_memory
 
     try:
@@ -40,6 +43,29 @@ def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, targ
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.report())
     if not result.fits:
         raise SystemExit(1)
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=str),
+              help="Merged model folder (safetensors + config.json + tokenizer.json).")
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="GGUF file to write.")
+@click.option("--outtype", default="f16", show_default=True, metavar="f16|bf16|f32|q8_0",
+              help="Type of the 2-D weights (norms and biases stay f32).")
+@click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile next to the GGUF.")
+@click.option("--quantize", multiple=True, metavar="TYPE",
+              help="Also quantize with llama.cpp (e.g. Q4_K_M); repeatable. Needs llama-cpp-python.")
+def export(model_dir: str, output: str, outtype: str, modelfile: bool, quantize: tuple[str, ...]) -> None:
+    """Convert a merged checkpoint to GGUF for llama.cpp / Ollama."""
+    from qdora.export import export_gguf
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("gguf").setLevel(logging.WARNING)
+    try:
+        path = export_gguf(model_dir, output, outtype=outtype.lower(), modelfile=modelfile, quantize=quantize)
+    except QdoraError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"GGUF ready: {path}")
 
 
 if __name__ == "__main__":
