@@ -1,8 +1,8 @@
 """`qdora plan` against measurement: plan and run the harness for the same configurations, print
 predicted vs measured peak with the % error (goal: within 10% on every GPU configuration).
 
-The harness is single-rank with transformers' full loss, so the planner is asked for gpus=1,
-loss=full, offload none; the comparison is of allocated bytes (`max_memory_allocated` on CUDA, live
+The harness is single-rank, so the planner is asked for gpus=1, offload none and the harness' loss; the
+comparison is of allocated bytes (`max_memory_allocated` on CUDA, live
 tensor bytes on CPU), not of the card total (context and fragmentation are not in either measurement).
 """
 
@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="qdora-dora,qdora-lora")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--loss", default="full", choices=["full", "chunked"])
     p.add_argument("--json", dest="json_out")
     args = p.parse_args(argv)
     import torch
@@ -41,11 +42,11 @@ def main(argv=None) -> int:
     for item in configs:
         shape, seq = item.split(":")
         rep = run(["--shape", shape, "--seq-len", seq, "--rank", str(args.rank), "--steps", str(args.steps),
-                   "--warmup", "1", "--device", device, "--methods", args.methods])
+                   "--warmup", "1", "--device", device, "--methods", args.methods, "--loss", args.loss])
         for r in rep["results"]:
             method = r["method"].split("-", 1)[1]
             plan = plan_memory(preset_config(shape), gpus=1, seq_len=int(seq), rank=args.rank, method=method,
-                               loss="full")
+                               loss=args.loss)
             err = plan.allocated_bytes / r["peak_bytes"] - 1
             worst = max(worst, abs(err))
             rows.append(dict(shape=shape, seq=int(seq), method=r["method"], predicted=plan.allocated_bytes,

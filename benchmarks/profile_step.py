@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--loss", default="full", choices=["full", "chunked"])
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--trace", help="also write a Chrome trace here")
     args = p.parse_args(argv)
@@ -41,12 +42,12 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
     amp = autocast_for(device, dtype)
     for _ in range(args.warmup):
-        train_step(model, opt, ids, amp)
+        train_step(model, opt, ids, amp, args.loss)
     sync(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(args.steps):
-            train_step(model, opt, ids, amp)
+            train_step(model, opt, ids, amp, args.loss)
         sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"# {args.method} {args.shape} seq {args.seq_len} mb {args.micro_batch} r {args.rank} "

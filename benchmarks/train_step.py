@@ -2,7 +2,8 @@
 
 Each method gets a fresh model (built layer by layer, see bench_model.py), the same seeded token batch,
 AdamW over its adapter parameters, bf16 autocast (unless --dtype float32) and non-reentrant gradient
-checkpointing, with transformers' own loss (`labels=`: full logits). Reported per method: median step
+checkpointing, with transformers' own loss (`labels=`: full logits) or `--loss chunked` (qdora/loss.py).
+Reported per method: median step
 time over --steps after --warmup, tokens/s, peak memory, MFU and the step-0 loss.
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` over all steps (reset after the model is built);
@@ -88,10 +89,21 @@ def _state_tensors(model, opt) -> list[torch.Tensor]:
     return tensors
 
 
-def train_step(model, opt, ids: torch.Tensor, amp) -> torch.Tensor:
-    """One optimizer step: forward with labels (transformers' loss), backward, AdamW, zero grads."""
+def forward_loss(model, ids: torch.Tensor, loss: str = "full", chunk: int = 1024) -> torch.Tensor:
+    """transformers' own loss from `labels=` (full logits), or qdora's chunked loss on the final hidden
+    states (never more than `chunk` tokens of logits at once)."""
+    if loss == "full":
+        return model(input_ids=ids, labels=ids).loss
+    from qdora.loss import chunked_causal_lm_loss
+
+    hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+    return chunked_causal_lm_loss(hidden, model.get_output_embeddings().weight, ids, chunk)
+
+
+def train_step(model, opt, ids: torch.Tensor, amp, loss_kind: str = "full", chunk: int = 1024) -> torch.Tensor:
+    """One optimizer step: forward with labels, backward, AdamW, zero grads."""
     with amp:
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = forward_loss(model, ids, loss_kind, chunk)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -123,7 +135,7 @@ def run_method(method: str, args, config, device: torch.device, dtype: torch.dty
     for i in range(args.warmup + args.steps):
         sync(device)
         t = time.perf_counter()
-        loss = train_step(model, opt, ids, amp)
+        loss = train_step(model, opt, ids, amp, args.loss, args.loss_chunk)
         sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
@@ -132,7 +144,7 @@ def run_method(method: str, args, config, device: torch.device, dtype: torch.dty
         peak, peak_how = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
     else:
         with LiveBytes(_state_tensors(model, opt)) as live:
-            train_step(model, opt, ids, amp)
+            train_step(model, opt, ids, amp, args.loss, args.loss_chunk)
         peak, peak_how = live.peak, "LiveBytes (dispatcher live tensors)"
     med = statistics.median(times)
     tokens = ids.numel()
@@ -177,6 +189,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {', '.join(METHODS)}")
+    p.add_argument("--loss", default="full", choices=["full", "chunked"],
+                   help="full: transformers' loss from labels=; chunked: qdora/loss.py on the hidden states")
+    p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per logits chunk with --loss chunked")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_out", help="write machine-readable results here")
@@ -210,7 +225,8 @@ def run(argv=None) -> dict:
         command="python benchmarks/train_step.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         device=device_name(device), versions=versions(), shape=args.shape, seq_len=args.seq_len,
         micro_batch=args.micro_batch, rank=args.rank, alpha=args.alpha, steps=args.steps, warmup=args.warmup,
-        dtype=args.dtype, matmul_flops_per_s=rate, model_flops_per_step=flops, results=results,
+        dtype=args.dtype, loss=args.loss, loss_chunk=args.loss_chunk,
+        matmul_flops_per_s=rate, model_flops_per_step=flops, results=results,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     )
     if args.json_out:
@@ -230,7 +246,7 @@ def markdown(rep: dict) -> str:
         f"device: {rep['device']}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, "
         f"bitsandbytes {v['bitsandbytes']}; {rep['date']}  ",
         f"shape {rep['shape']}, seq {rep['seq_len']}, micro-batch {rep['micro_batch']}, r={rep['rank']}, "
-        f"{rep['dtype']}, median of {rep['steps']} steps after {rep['warmup']} warmup; "
+        f"{rep['dtype']}, loss {rep['loss']}, median of {rep['steps']} steps after {rep['warmup']} warmup; "
         f"measured mm rate {rep['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s",
         "",
         "| method | s/step | tok/s | peak GiB | MFU | loss step 0 | tok/s vs PEFT QLoRA |",

@@ -58,3 +58,19 @@ def test_bad_arguments_exit_nonzero(capsys):
     assert main(["--shape", "nope"]) == 2
     assert main(["--steps", "0"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_chunked_loss_matches_full_loss_and_plan():
+    """--loss chunked (qdora/loss.py on the hidden states) gives transformers' loss at step 0, and the
+    planner's chunked-loss prediction matches the measured peak (at this shape a layer's recompute, not the
+    logits, sets the peak, so both losses peak alike)."""
+    from qdora.plan import plan_memory
+    from qdora.presets import preset_config
+
+    args = ["--shape", "tiny", "--seq-len", "256", "--steps", "1", "--warmup", "0", "--device", "cpu",
+            "--methods", "qdora-dora"]
+    full = run(args)["results"][0]
+    chunked = run(args + ["--loss", "chunked", "--loss-chunk", "64"])["results"][0]
+    assert chunked["loss_step0"] == pytest.approx(full["loss_step0"], rel=1e-3)
+    plan = plan_memory(preset_config("tiny"), gpus=1, seq_len=256, loss="chunked", loss_chunk=64)
+    assert plan.allocated_bytes == pytest.approx(chunked["peak_bytes"], rel=0.10)
