@@ -192,6 +192,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loss", default="full", choices=["full", "chunked"],
                    help="full: transformers' loss from labels=; chunked: qdora/loss.py on the hidden states")
     p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per logits chunk with --loss chunked")
+    p.add_argument("--mem-cap-gib", type=float, help="CUDA: cap this process's GPU memory (emulates a smaller card)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_out", help="write machine-readable results here")
@@ -210,12 +211,27 @@ def run(argv=None) -> dict:
     args = parse_args(argv)
     config = preset_config(args.shape)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.mem_cap_gib:
+        if device.type != "cuda":
+            raise QdoraError("--mem-cap-gib needs a CUDA device")
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib * GIB / total), device)
     ids = batch(config, args.micro_batch, args.seq_len, device, args.seed)
     rate = matmul_rate(device, dtype)
     flops = model_flops(config, ids.numel(), args.seq_len)
     results = []
     for method in args.method_list:
-        r = run_method(method, args, config, device, dtype, ids)
+        r = None
+        try:
+            r = run_method(method, args, config, device, dtype, ids)
+        except torch.OutOfMemoryError as e:  # a capped 70B run may not fit: record it, go on with the next
+            oom = f"out of memory: {str(e).splitlines()[0]}"
+        if r is None:  # outside the except: the traceback (and the model it holds) is gone before freeing
+            gc.collect()
+            torch.cuda.empty_cache()
+            results.append(dict(method=method, error=oom))
+            print(f"{method:11s} {oom}", file=sys.stderr)
+            continue
         r["mfu"] = flops / r["median_step_s"] / rate
         results.append(r)
         print(f"{method:11s} {r['median_step_s']:.4f} s/step  {r['tokens_per_s']:.1f} tok/s  "
@@ -224,7 +240,8 @@ def run(argv=None) -> dict:
     report = dict(
         command="python benchmarks/train_step.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         device=device_name(device), versions=versions(), shape=args.shape, seq_len=args.seq_len,
-        micro_batch=args.micro_batch, rank=args.rank, alpha=args.alpha, steps=args.steps, warmup=args.warmup,
+        micro_batch=args.micro_batch, rank=args.rank, mem_cap_gib=args.mem_cap_gib,
+        alpha=args.alpha, steps=args.steps, warmup=args.warmup,
         dtype=args.dtype, loss=args.loss, loss_chunk=args.loss_chunk,
         matmul_flops_per_s=rate, model_flops_per_step=flops, results=results,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -241,6 +258,7 @@ def markdown(rep: dict) -> str:
     v = rep["versions"]
     by = {r["method"]: r for r in rep["results"]}
     ref = by.get("peft-qlora")
+    ref = ref if ref and "error" not in ref else None
     lines = [
         f"`{rep['command']}`  ",
         f"device: {rep['device']}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, "
@@ -253,10 +271,14 @@ def markdown(rep: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rep["results"]:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['error']} | | | | | |")
+            continue
         rel = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
         lines.append(f"| {r['method']} | {r['median_step_s']:.4f} | {r['tokens_per_s']:.1f} | {r['peak_gib']:.4f} | "
                      f"{100 * r['mfu']:.2f}% | {r['loss_step0']:.5f} | {rel} |")
-    lines.append(f"\npeak measured by: {rep['results'][0]['peak_measured_by']}")
+    how = {r["peak_measured_by"] for r in rep["results"] if "peak_measured_by" in r}
+    lines.append(f"\npeak measured by: {', '.join(sorted(how))}")
     return "\n".join(lines)
 
 
