@@ -30,7 +30,10 @@ def main() -> None:
 @click.option("--loss", type=click.Choice(["chunked", "full"]), default="chunked", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, as_json) -> None:
-    """Per-GPU memory of a QDoRA run, whether it fits, and the cheapest settings that make it fit."""
+    """Per-GPU memory of a QDoRA run, whether it fits, and the cheapest settings that make it fit.
+
+    Exit status 0 when it fits, 1 when it does not (the report then names the settings that would fit).
+    """
     import json
 
     from qdora.plan import load_config, plan_memory
