@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks: the training-step harness, its profiler and the planner check."""

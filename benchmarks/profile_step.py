@@ -1,0 +1,62 @@
+"""Where a training step's time goes: torch.profiler over a few steps of one method, top ops by self time.
+
+Uses the same model, batch and step as train_step.py, so its tables explain that harness's figures.
+On CUDA the table is sorted by self CUDA time (kernels), on CPU by self CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_model import METHODS, build  # noqa: E402
+from benchmarks.train_step import autocast_for, batch, sync, train_step  # noqa: E402
+from qdora.presets import preset_config  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", default="qdora-dora", choices=METHODS)
+    p.add_argument("--shape", default="tiny")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--loss", default="full", choices=["full", "chunked"])
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--trace", help="also write a Chrome trace here")
+    args = p.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    config = preset_config(args.shape)
+    ids = batch(config, args.micro_batch, args.seq_len, device, 0)
+    model = build(config, args.method, args.rank, float(args.rank), device, dtype)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    amp = autocast_for(device, dtype)
+    for _ in range(args.warmup):
+        train_step(model, opt, ids, amp, args.loss)
+    sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(args.steps):
+            train_step(model, opt, ids, amp, args.loss)
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"# {args.method} {args.shape} seq {args.seq_len} mb {args.micro_batch} r {args.rank} "
+          f"{args.dtype} on {device}: {args.steps} steps, per-step totals = column / {args.steps}")
+    print(prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=60))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
