@@ -52,6 +52,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
+def _scale_rows(y: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    """y ⊙ (m/n) per output feature, as y + y·(m/n − 1) so a low-precision y keeps small changes' rounding
+    (the form PEFT uses); `mn` is fp32."""
+    return torch.addcmul(y, y, (mn - 1.0).to(y.dtype))
+
+
 class _QDoRAFunction(torch.autograd.Function):
     """Forward and backward of the adapted layer in one function (weights frozen: no dW)."""
 
@@ -66,15 +72,21 @@ class _QDoRAFunction(torch.autograd.Function):
         y = x2 @ w.t()
         xa = xa2 @ ac.t()  # [T, r]
         y.addmm_(xa, bc.t(), alpha=scale)
+        # The output has x's dtype (as bitsandbytes' Linear4bit): with an fp32 residual stream under bf16
+        # autocast, the magnitude scale is applied in fp32. In bf16, m/n rounds to exactly 1.0 until m moves
+        # by ~0.4%, and y·(m/n) would hide every early magnitude update.
+        out_dtype = x.dtype
         mn = n = y_pre = None
         if m is not None:
             n = dora_row_norm(w, ac, bc, scale, row_norm_sq)
             mn = m.float() / n  # fp32 [out]
             y_pre = y
-            y = y_pre * mn.to(dtype)
+            y = _scale_rows(y_pre.to(out_dtype), mn)
+        else:
+            y = y.to(out_dtype)
         del w
         if bias is not None:
-            y = y + bias.to(dtype)
+            y = y + bias.to(out_dtype)
         ctx.save_for_backward(x2, None if x_ad is x else xa2, xa, ac, bc, y_pre, mn, n,
                               packed, absmax, absmax2, code2, offset, code)
         ctx.shared_input = x_ad is x
@@ -92,15 +104,15 @@ class _QDoRAFunction(torch.autograd.Function):
         x_dt, xad_dt, a_dt, b_dt, m_dt = ctx.in_dtypes
         need_x, need_xad, need_a, need_b, need_m, need_bias = ctx.needs_input_grad[:6]
         lead = dy.shape[:-1]
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+        dy2 = dy.reshape(-1, dy.shape[-1])  # the output's dtype (x's)
 
         dm = None
         if mn is not None:
             if need_m:  # dm_i = Σ_t dy_ti · y_pre_ti / n_i   (n is detached: no other term)
-                dm = (torch.sum(dy2 * y_pre, dim=0, dtype=torch.float32) / n).to(m_dt)
-            g = dy2 * mn.to(dtype)
+                dm = (torch.sum(dy2 * y_pre.to(dy2.dtype), dim=0, dtype=torch.float32) / n).to(m_dt)
+            g = _scale_rows(dy2, mn).to(dtype)
         else:
-            g = dy2
+            g = dy2.to(dtype)
         d_xa = (g @ bc) * s  # [T, r]
         da = (d_xa.t() @ xa2).to(a_dt) if need_a else None
         db = ((g.t() @ xa) * s).to(b_dt) if need_b else None
@@ -115,7 +127,7 @@ class _QDoRAFunction(torch.autograd.Function):
             dx = dx.to(x_dt).reshape(*lead, dx.shape[-1])
         if need_xad and not ctx.shared_input:
             dxad = (d_xa @ ac).to(xad_dt).reshape(*lead, ac.shape[-1])
-        dbias = dy2.sum(0) if ctx.has_bias and need_bias else None
+        dbias = dy2.sum(0, dtype=torch.float32) if ctx.has_bias and need_bias else None
         return (dx, dxad, da, db, dm, dbias) + (None,) * 10
 
 
@@ -125,9 +137,9 @@ class _FrozenNF4Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, packed, absmax, absmax2, code2, offset, code, spec: NF4Spec, dtype):
         w = dequantize_nf4(packed, absmax, absmax2, code2, offset, code, spec, dtype)
-        y = x.to(dtype) @ w.t()
+        y = (x.to(dtype) @ w.t()).to(x.dtype)  # x's dtype out, as the adapted layer and bnb's Linear4bit
         if bias is not None:
-            y = y + bias.to(dtype)
+            y = y + bias.to(x.dtype)
         ctx.save_for_backward(packed, absmax, absmax2, code2, offset, code)
         ctx.spec, ctx.dtype, ctx.x_dtype = spec, dtype, x.dtype
         return y

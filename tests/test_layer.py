@@ -115,12 +115,46 @@ def test_no_input_grad_skips_dequantization_and_still_trains():
     assert layer.lora_B.grad is not None and layer.magnitude.grad is not None
 
 
-def test_bf16_autocast_uses_bf16_compute():
+def test_output_has_the_input_dtype():
     layer = QDoRALinear.from_linear(torch.nn.Linear(64, 32), r=4, adapter_dtype=torch.float32)
-    x = torch.randn(5, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x)
-    assert y.dtype == torch.bfloat16
+        assert layer(torch.randn(5, 64)).dtype == torch.float32
+        assert layer(torch.randn(5, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_bf16_autocast_matches_peft_with_fp32_inputs():
+    """Same contract as PEFT on bnb's Linear4bit under autocast: fp32 in, bf16 compute, fp32 out."""
+    ours, pm, layer = peft_pair(96, 128, 8, 16, "dora", torch.float32, bias=True)
+    layer.base_layer.compute_dtype = torch.bfloat16
+    x = torch.randn(3, 5, 128)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1, y2 = ours(x1), pm(x2)
+    assert y1.dtype == y2.dtype == torch.float32
+    assert rel(y1, y2) <= 1e-2
+    dy = torch.randn_like(y1)
+    y1.backward(dy)
+    y2.backward(dy)
+    assert rel(x1.grad, x2.grad) <= 1e-2
+    assert rel(ours.magnitude.grad, layer.lora_magnitude_vector["default"].weight.grad) <= 1e-2
+
+
+def test_small_magnitude_changes_survive_bf16_autocast():
+    """Under bf16 autocast with an fp32 residual stream, a 0.1% magnitude change reaches the output.
+
+    Computing y·(m/n) in bf16 would round m/n to exactly 1.0 (found by the speed benchmark: dora and
+    lora gave bit-identical losses for several steps). The output keeps x's dtype, as bnb's Linear4bit.
+    """
+    lin = torch.nn.Linear(128, 64, bias=False)
+    layer = QDoRALinear.from_linear(lin, r=4, adapter_dtype=torch.float32)
+    x = torch.randn(16, 128)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = layer(x)
+        layer.magnitude.mul_(1.001)
+        after = layer(x)
+    assert before.dtype == after.dtype == torch.float32
+    ratio = (after / before).median().item()
+    assert abs(ratio - 1.001) < 1e-5, ratio
 
 
 @pytest.mark.cuda
