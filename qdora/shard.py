@@ -32,10 +32,8 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-
-    @property
-    def sharded(self) -> bool:
-        return self.world_size > 1
+    sharded: bool = False  # FSDP2 in use (several ranks, or one rank offloading parameters to the CPU)
+    owns_group: bool = False  # this run started the process group (and ends it)
 
     @property
     def main(self) -> bool:
@@ -72,21 +70,43 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return dev
 
 
-def setup_distributed(requested_device: str) -> Dist:
-    """Read torchrun's environment and start the process group when there are several ranks."""
+def setup_distributed(requested_device: str, offload_params: bool = False) -> Dist:
+    """Read torchrun's environment and start the process group when there are several ranks.
+
+    One process with `--offload params|all` also runs under FSDP2 (a 1-rank group) so that
+    `CPUOffloadPolicy` can stream the frozen base from host memory layer by layer.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(requested_device, local_rank)
-    if world > 1 and not dist.is_initialized():
+    if offload_params and device.type != "cuda":
+        raise QdoraError("--offload params/all moves GPU parameters to host memory: it needs a CUDA device "
+                         "(on CPU everything is in host memory already)")
+    owns = False
+    if (world > 1 or offload_params) and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, device)
+        if world == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+        else:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        owns = True
+    return Dist(rank, world, local_rank, device, sharded=world > 1 or offload_params, owns_group=owns)
 
 
-def teardown_distributed() -> None:
-    if dist.is_initialized():
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def teardown_distributed(d: Dist) -> None:
+    if d.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

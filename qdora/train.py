@@ -48,6 +48,7 @@ from qdora.shard import (
     optimizer_state,
     setup_distributed,
     shard_model,
+    teardown_distributed,
 )
 from qdora.train_config import TrainConfig
 
@@ -149,6 +150,8 @@ def _prepare(cfg: TrainConfig, tok, path: str):
 
     if not Path(path).exists():
         raise QdoraError(f"data path {path} does not exist")
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise QdoraError(f"data file {path} is empty")
     return prepare_data(path, tok, cfg.seq_len, cfg.format, cfg.completion_only, cfg.packing)
 
 
@@ -202,7 +205,7 @@ def evaluate(wrapper: nn.Module, data, cfg: TrainConfig, d: Dist, compute: torch
 def train(cfg: TrainConfig) -> TrainResult:
     """Run `qdora train` with a resolved config (see `qdora.train_config`). Raises QdoraError on bad input."""
     cfg.validate()
-    d = setup_distributed(cfg.device)
+    d = setup_distributed(cfg.device, cfg.offload in ("params", "all"))
     try:
         return _run(cfg, d)
     except torch.OutOfMemoryError as e:
@@ -211,6 +214,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             f"--seq-len (now {cfg.seq_len}), or offload (--offload activations, params or all; now "
             f"{cfg.offload}); more --grad-accum keeps the global batch"
         ) from e
+    finally:
+        teardown_distributed(d)
 
 
 def _run(cfg: TrainConfig, d: Dist) -> TrainResult:

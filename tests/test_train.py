@@ -49,10 +49,10 @@ def test_cli_trains_alpaca_writes_outputs_and_keeps_last_checkpoints(tiny_llama_
 
 
 def test_saved_adapter_reproduces_the_trained_model_in_qdora_and_peft(tiny_llama_dir, tmp_path):
+    from oracle import bnb_quantized_model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from oracle import bnb_quantized_model
     from qdora.adapter_io import apply_adapter
 
     out = tmp_path / "run"
@@ -111,3 +111,13 @@ def test_yaml_config_with_flag_override_and_help(tiny_llama_dir, tmp_path):
     for f in option_fields():
         assert "--" + f.name.replace("_", "-") in help_text, f.name
     assert "[default: dora]" in help_text and "torchrun --nproc_per_node" in help_text
+
+
+def test_checkpointing_and_activation_offload_do_not_change_the_numbers(tiny_llama_dir, tmp_path):
+    data = alpaca_data(tmp_path)
+    runs = {}
+    for name, kw in {"default": {}, "no_ckpt": {"gradient_checkpointing": False},
+                     "offload": {"offload": "activations"}}.items():
+        runs[name] = train(small_config(tiny_llama_dir, data, tmp_path / name, max_steps=2, **kw)).losses
+    assert runs["no_ckpt"] == pytest.approx(runs["default"], rel=1e-6)
+    assert runs["offload"] == pytest.approx(runs["default"], rel=1e-6)

@@ -53,8 +53,7 @@ def test_empty_dataset_and_unknown_format(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    result = run(tiny_llama_dir, empty, out)
-    assert result.exit_code != 0 and not out.exists() and "Traceback" not in result.output
+    assert_refused(run(tiny_llama_dir, empty, out), out, "is empty")
     assert_refused(run(tiny_llama_dir, alpaca_data(tmp_path), out, "--format", "csvish"), out, "--format must be")
     odd = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
     assert_refused(run(tiny_llama_dir, odd, out), out, "cannot detect the data format")
@@ -99,6 +98,7 @@ def test_bad_option_values(tiny_llama_dir, tmp_path):
     data = alpaca_data(tmp_path)
     out = tmp_path / "out"
     assert_refused(run(tiny_llama_dir, data, out, "--micro-batch", "0"), out, "--micro-batch must be")
+    assert_refused(run(tiny_llama_dir, data, out, "--offload", "params"), out, "needs a CUDA device")
     assert_refused(run(tiny_llama_dir, data, out, "--micro-batch", "1000"), out, "fewer than one global batch")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("lr: 1e-3\nlearning_rate: 2\n")
