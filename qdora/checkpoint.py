@@ -1,10 +1,12 @@
 """Training checkpoints: `OUTPUT/checkpoint-STEP/`, written atomically, the last K kept, resumable exactly.
 
 A checkpoint holds the adapter in PEFT format (usable on its own, like the final one), `optimizer.pt`
-(full AdamW state keyed by parameter names: gathered from FSDP2, so a run may resume on another number of
-ranks, though only the same layout reproduces the losses bit for bit), `trainer_state.pt` (step,
+(full AdamW state keyed by parameter names, gathered from FSDP2: the same file whatever the number of
+ranks; every rank reads it whole on resume and keeps its shard — adapters are small, so gathering costs
+little and needs no distributed-checkpoint folder layout), `trainer_state.pt` (step,
 scheduler, data iterator position, metrics bookkeeping), one `rng_state_RANK.pt` per rank (torch CPU/CUDA,
-Python, NumPy), and `trainer_state.json` (human-readable summary).
+Python, NumPy), and `trainer_state.json` (human-readable summary). Resuming needs the same
+micro_batch × ranks layout (the data iterator refuses another one, before anything is written).
 
 Atomicity: everything goes into `.checkpoint-STEP.tmp/` first and is renamed in one `os.replace`, so a
 crash never leaves a half-written `checkpoint-STEP`. With several ranks, rank 0 creates and renames the

@@ -240,6 +240,10 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
         epochs = cfg.epochs
         total_steps = math.ceil(probe.steps_per_epoch * epochs / cfg.grad_accum)
     iterator = data.batches(cfg.micro_batch, epochs, cfg.seed, True, d.rank, d.world_size)
+    state = None
+    if resume_from is not None:  # refuse a checkpoint of another data layout before anything is written
+        state = load_checkpoint(resume_from, d)
+        iterator.load_state_dict(state["trainer"]["data"])
 
     holder: dict[str, nn.Module] = {}
 
@@ -274,12 +278,10 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
 
     step = 0
     last_ckpt = None
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, d)
+    if state is not None:
         _load_adapter_into(lm, resume_from)
         load_optimizer_state(lm, optimizer, state["optimizer"], d.sharded)
         scheduler.load_state_dict(state["trainer"]["scheduler"])
-        iterator.load_state_dict(state["trainer"]["data"])
         if scaler is not None and state["trainer"].get("scaler"):
             scaler.load_state_dict(state["trainer"]["scaler"])
         if state["rng"] is not None and state["trainer"]["world_size"] == d.world_size:

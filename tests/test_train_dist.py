@@ -23,18 +23,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(*args: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "qdora.cli", "train", *args]
+    env = {**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_two_ranks_match_one_process(tiny_llama_dir, tmp_path):
     data = alpaca_data(tmp_path)
     common = ["--model", str(tiny_llama_dir), "--data", str(data), "--max-steps", "4", "--seq-len", "128",
               "--rank", "4", "--alpha", "8", "--lr", "1e-2", "--dtype", "fp32", "--device", "cpu",
               "--grad-accum", "2", "--save-every", "2", "--keep", "0"]
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "qdora.cli", "train", *common, "--output", str(two),
-           "--micro-batch", "1"]
-    env = {**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(*common, "--output", str(two), "--micro-batch", "1")
 
     torch.set_num_threads(1)
     one = train(small_config(tiny_llama_dir, data, tmp_path / "one", max_steps=4, micro_batch=2, grad_accum=2,
@@ -56,3 +59,10 @@ def test_two_ranks_match_one_process(tiny_llama_dir, tmp_path):
     name = next(iter(oa["state"]))
     torch.testing.assert_close(ob["state"][name]["exp_avg"], oa["state"][name]["exp_avg"], rtol=1e-4, atol=1e-8)
     assert (two / "checkpoint-2" / "rng_state_1.pt").is_file()
+
+    # resuming the sharded run from its checkpoint (every rank loads the full optimizer state, keeps its
+    # shard) reproduces its steps 3 and 4 exactly
+    torchrun(*common, "--output", str(tmp_path / "two-resumed"), "--micro-batch", "1",
+             "--resume", str(two / "checkpoint-2"))
+    again = {r["step"]: r["loss"] for r in metrics(tmp_path / "two-resumed")}
+    assert again == {3: two_losses[3], 4: two_losses[4]}
