@@ -53,7 +53,7 @@ def train(config_file: str | None, **flags) -> None:
     from qdora.train import train as run_training
     from qdora.train_config import read_yaml, resolve_config
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if _is_main_rank() else logging.ERROR, format="%(message)s")
     for noisy in ("httpx", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
