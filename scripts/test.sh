@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --llamacpp
 . .venv/bin/activate
-ruff check qdora tests benchmarks examples scripts
+ruff check .
 set +e
 python -m pytest -q -p no:cacheprovider "$@"
 rc=$?
