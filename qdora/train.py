@@ -86,7 +86,10 @@ class TrainResult:
 
 
 class _Stop:
-    """SIGINT/SIGTERM → a flag the loop checks after each step (installed only in the main thread)."""
+    """SIGINT/SIGTERM → a flag the loop checks after each step (installed only in the main thread).
+
+    A second signal raises KeyboardInterrupt at once (no checkpoint) for a user who cannot wait.
+    """
 
     def __init__(self):
         self.signum: int | None = None
@@ -101,6 +104,8 @@ class _Stop:
         old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
         def handler(signum, frame):
+            if self.signum is not None:  # a second signal: stop now, without the checkpoint
+                raise KeyboardInterrupt
             self.signum = signum
 
         for s in old:
@@ -301,9 +306,10 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
         trainer_state = {"scheduler": scheduler.state_dict(), "data": iterator.state_dict(),
                          "scaler": scaler.state_dict() if scaler is not None else None,
                          "config": cfg.to_dict()}
-        return save_checkpoint(out, step, d, spec, _peft_state(trainable), optim, trainer_state, cfg.model,
+        return save_checkpoint(out, step, d, spec, _peft_state(trainable), optim, trainer_state, base_model,
                                cfg.keep)
 
+    base_model = str(Path(cfg.model).resolve())  # adapter_config.json's base_model_name_or_path
     result = TrainResult(out, step, "done")
     batches_it = iter(iterator)
     stop = _Stop()
@@ -370,7 +376,7 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
     if result.status == "done":
         trainable = gather_trainable(lm)
         if d.main:
-            save_adapter(None, out, spec, base_model=str(Path(cfg.model).resolve()), state=_peft_state(trainable))
+            save_adapter(None, out, spec, base_model=base_model, state=_peft_state(trainable))
         d.barrier()
     result.model = lm
     return result
