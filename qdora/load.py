@@ -21,56 +21,33 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import json
 import logging
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from qdora.adapt import AdapterSpec, AdaptReport, adapt_model, adapter_layers
+from qdora.checkpoint_io import CheckpointReader
 from qdora.errors import QdoraError
 from qdora.layer import NF4Linear, QDoRALinear
 from qdora.nf4 import NF4Weight, nf4_from_weight
 
 log = logging.getLogger("qdora.load")
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 
-def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, from the index (sharded checkpoints) or the single file."""
+def open_checkpoint(model_dir: str | Path) -> CheckpointReader:
+    """The model folder's safetensors tensors (single file or index-sharded), read one at a time.
+
+    `CheckpointReader` gives each tensor its own short-lived memory map: a map held open keeps every
+    page read so far in this process's resident set, growing RSS to the whole file.
+    """
     d = Path(model_dir)
     if not (d / "config.json").is_file():
         raise QdoraError(f"{model_dir} is not a model folder: config.json is missing")
-    if (d / INDEX_NAME).is_file():
-        try:
-            weight_map = json.loads((d / INDEX_NAME).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise QdoraError(f"{d / INDEX_NAME} is not a valid safetensors index: {e}") from e
-        files = {name: d / f for name, f in weight_map.items()}
-        missing = sorted({str(f) for f in files.values() if not f.is_file()})
-        if missing:
-            raise QdoraError(f"{d / INDEX_NAME} names files that do not exist: {', '.join(missing[:3])}")
-        return files
-    if (d / SINGLE_NAME).is_file():
-        with safe_open(str(d / SINGLE_NAME), framework="pt") as f:
-            return {name: d / SINGLE_NAME for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    raise QdoraError(f"{model_dir} has no {SINGLE_NAME} or {INDEX_NAME} (qdora reads safetensors checkpoints)")
-
-
-def _read_one(path: Path, name: str) -> torch.Tensor:
-    """One tensor, from a mapping opened and closed around it.
-
-    safe_open memory-maps the file; every page read stays in this process's resident set until the
-    mapping closes, so one long-lived handle grows RSS to the whole file. A handle per tensor keeps it
-    at one tensor (reopening costs a header parse: microseconds next to reading the tensor).
-    """
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        return handle.get_tensor(name)
+    return CheckpointReader(d)
 
 
 def _release_freed_memory() -> None:
@@ -89,15 +66,11 @@ def _release_freed_memory() -> None:
 _LIBC = None
 
 
-def iter_checkpoint(files: dict[str, Path]) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """(name, loader) per tensor, file by file; the loader reads that tensor only."""
-    by_file: dict[Path, list[str]] = {}
-    for name, f in files.items():
-        by_file.setdefault(f, []).append(name)
-    for f, names in by_file.items():
-        for name in names:
-            yield name, (lambda p=f, n=name: _read_one(p, n))
-            _release_freed_memory()
+def iter_checkpoint(reader: CheckpointReader) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(name, loader) per tensor in file order; the loader reads that tensor only."""
+    for name in reader.keys():  # noqa: SIM118 (file order; the reader is not iterable)
+        yield name, (lambda n=name: reader.get(n))
+        _release_freed_memory()
 
 
 def build_meta_model(model_dir: str | Path, spec: AdapterSpec, compute_dtype: torch.dtype):
@@ -205,7 +178,7 @@ def load_model(
     loaded in `compute_dtype`. Raises QdoraError for missing files, unknown/missing tensors, bad shapes.
     """
     device = torch.device(device)
-    files = checkpoint_files(model_dir)
+    reader = open_checkpoint(model_dir)
     model, report = build_meta_model(model_dir, spec, compute_dtype)
     if shard is not None:
         shard(model)
@@ -218,7 +191,7 @@ def load_model(
     loaded: set[str] = set()
     unknown: list[str] = []
     embed_key = None
-    for name, read in iter_checkpoint(files):
+    for name, read in iter_checkpoint(reader):
         owner, _, leaf = name.rpartition(".")
         module = modules.get(owner)
         if isinstance(module, (QDoRALinear, NF4Linear)) and leaf == "weight":

@@ -34,7 +34,7 @@ from qdora.adapt import AdapterSpec, adapter_layers
 from qdora.adapter_io import load_adapter_tensors, save_adapter
 from qdora.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
 from qdora.errors import QdoraError
-from qdora.load import build_meta_model, checkpoint_files, fill_param, load_model
+from qdora.load import build_meta_model, fill_param, load_model, open_checkpoint
 from qdora.loss import IGNORE_INDEX, chunked_cross_entropy
 from qdora.metrics import Metrics, check_tensorboard, peak_memory_gb
 from qdora.shard import (
@@ -137,7 +137,7 @@ def _check_model_dir(cfg: TrainConfig):
     model_dir = Path(cfg.model)
     if not model_dir.is_dir():
         raise QdoraError(f"--model {cfg.model}: no such folder")
-    checkpoint_files(model_dir)
+    open_checkpoint(model_dir)
     config = AutoConfig.from_pretrained(str(model_dir))
     context = getattr(config, "max_position_embeddings", None)
     if context is not None and cfg.seq_len > context:
