@@ -7,19 +7,18 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from train_helpers import alpaca_data, chat_data, metrics, small_config, text_data
+from train_helpers import (
+    alpaca_data,
+    chat_data,
+    metrics,
+    one_thread,  # noqa: F401 (autouse fixture: one thread in this module)
+    small_config,
+    text_data,
+)
 
 from qdora.cli import main
 from qdora.train import train
 from qdora.train_config import option_fields
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_cli_trains_alpaca_writes_outputs_and_keeps_last_checkpoints(tiny_llama_dir, tmp_path):

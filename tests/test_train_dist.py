@@ -10,7 +10,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from train_helpers import SUBPROCESS_ENV, alpaca_data, metrics, small_config
+from train_helpers import (
+    SUBPROCESS_ENV,
+    alpaca_data,
+    metrics,
+    one_thread,  # noqa: F401 (autouse fixture: one thread in this module)
+    small_config,
+)
 
 from qdora.train import train
 
@@ -39,7 +45,6 @@ def test_two_ranks_match_one_process(tiny_llama_dir, tmp_path):
     two = tmp_path / "two"
     torchrun(*common, "--output", str(two), "--micro-batch", "1")
 
-    torch.set_num_threads(1)
     one = train(small_config(tiny_llama_dir, data, tmp_path / "one", max_steps=4, micro_batch=2, grad_accum=2,
                              lr=1e-2, save_every=2, keep=0))
     two_losses = {r["step"]: r["loss"] for r in metrics(two)}
@@ -75,7 +80,6 @@ def test_two_ranks_bf16_mixed_precision_trains_like_fp32(tiny_llama_dir, tmp_pat
     common = ["--model", str(tiny_llama_dir), "--data", str(data), "--max-steps", "2", "--seq-len", "128",
               "--rank", "4", "--alpha", "8", "--lr", "1e-2", "--device", "cpu", "--micro-batch", "1"]
     torchrun(*common, "--output", str(tmp_path / "bf16"), "--dtype", "bf16")
-    torch.set_num_threads(1)
     ref = train(small_config(tiny_llama_dir, data, tmp_path / "fp32", max_steps=2, micro_batch=2, lr=1e-2))
     got = {r["step"]: r["loss"] for r in metrics(tmp_path / "bf16")}
     for step in (1, 2):

@@ -5,20 +5,15 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
 from click.testing import CliRunner
-from train_helpers import alpaca_data, write_jsonl
+from train_helpers import (
+    alpaca_data,
+    one_thread,  # noqa: F401 (autouse fixture: one thread in this module)
+    write_jsonl,
+)
 
 from qdora.cli import main
 from qdora.tiny import build_tiny_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(model, data, out, *extra):

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from train_helpers import SUBPROCESS_ENV, alpaca_data, metrics, small_config
+from train_helpers import (
+    SUBPROCESS_ENV,
+    alpaca_data,
+    metrics,
+    one_thread,  # noqa: F401 (autouse fixture: one thread in this module)
+    small_config,
+)
 
 from qdora.train import train
 
@@ -19,7 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_llama_dir, tmp_path):
-    torch.set_num_threads(1)
     data = alpaca_data(tmp_path)
     # dropout and grad accumulation make RNG restore and the data position matter
     kw = dict(max_steps=6, save_every=3, keep=0, dropout=0.1, grad_accum=2, warmup_steps=2, lr=1e-2)
@@ -66,7 +71,6 @@ def test_sigterm_writes_a_checkpoint_and_resume_latest_continues(tiny_llama_dir,
     stopped = int(ckpts[0].split("-")[1])
     assert stopped >= 2 and not (out / "adapter_model.safetensors").exists()
 
-    torch.set_num_threads(1)
     resumed = train(small_config(tiny_llama_dir, data, out, resume="latest", max_steps=stopped + 2,
                                  scheduler="constant", lr=1e-3))
     assert resumed.status == "done" and sorted(resumed.losses) == [stopped + 1, stopped + 2]

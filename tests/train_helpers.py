@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 from qdora.tiny import demo_corpus, demo_records
 from qdora.train_config import TrainConfig, resolve_config
 
@@ -41,3 +44,12 @@ def small_config(model: Path, data: Path, output: Path, **overrides) -> TrainCon
 
 def metrics(output: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """In-process training on one thread (import this fixture into a test module to use it)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
