@@ -62,8 +62,9 @@ def train(config_file: str | None, **flags) -> None:
     except QdoraError as e:
         raise click.ClickException(str(e)) from e
     if result.status == "interrupted":
-        click.echo(f"interrupted at step {result.step}: checkpoint {result.checkpoint} written; "
-                   f"continue with --resume latest", err=True)
+        if _is_main_rank():
+            click.echo(f"interrupted at step {result.step}: checkpoint {result.checkpoint} written; "
+                       f"continue with --resume latest", err=True)
         sys.exit(128 + int(result.signal))
     if _is_main_rank():
         click.echo(f"adapter ready: {result.output} (step {result.step})")
