@@ -6,6 +6,7 @@ import logging
 
 import click
 
+from qdora.cli_train import EPILOG, train_options
 from qdora.errors import QdoraError
 
 
@@ -69,6 +70,43 @@ def export(model_dir: str, output: str, outtype: str, modelfile: bool, quantize:
     except QdoraError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"GGUF ready: {path}")
+
+
+@main.command(epilog=EPILOG)
+@train_options
+def train(config_file: str | None, **flags) -> None:
+    """Fine-tune a QDoRA/QLoRA adapter on a frozen NF4 base (one process; torchrun for several GPUs).
+
+    Writes OUTPUT/ (final PEFT adapter), OUTPUT/checkpoint-STEP/, OUTPUT/metrics.jsonl and
+    OUTPUT/train_config.yaml. Long examples are truncated to --seq-len with a warning; --seq-len above the
+    model's context is refused.
+    """
+    import sys
+
+    from qdora.train import train as run_training
+    from qdora.train_config import read_yaml, resolve_config
+
+    logging.basicConfig(level=logging.INFO if _is_main_rank() else logging.ERROR, format="%(message)s")
+    for noisy in ("httpx", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = resolve_config(read_yaml(config_file) if config_file else {}, flags)
+        result = run_training(cfg)
+    except QdoraError as e:
+        raise click.ClickException(str(e)) from e
+    if result.status == "interrupted":
+        if _is_main_rank():
+            click.echo(f"interrupted at step {result.step}: checkpoint {result.checkpoint} written; "
+                       f"continue with --resume latest", err=True)
+        sys.exit(128 + int(result.signal))
+    if _is_main_rank():
+        click.echo(f"adapter ready: {result.output} (step {result.step})")
+
+
+def _is_main_rank() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 @main.command()

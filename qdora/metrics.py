@@ -1,0 +1,90 @@
+"""What a run reports: `metrics.jsonl` (one JSON object per logged step), a tqdm bar, optional TensorBoard.
+
+Only rank 0 writes or shows anything. Peak memory is CUDA's max allocated bytes on GPU, the process's
+peak RSS on CPU. On resume the file keeps the rows up to the resumed step and continues from there.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qdora.errors import QdoraError
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA max allocated (GiB) on GPU; peak resident set size of this process (GiB) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kb / 2**20
+
+
+def check_tensorboard() -> None:
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError as e:
+        raise QdoraError("--report-to tensorboard needs the tensorboard package (pip install tensorboard)") from e
+
+
+class Metrics:
+    """metrics.jsonl + progress bar + TensorBoard, all no-ops off rank 0."""
+
+    def __init__(self, output: Path, enabled: bool, total_steps: int, start_step: int, tensorboard: bool):
+        self.enabled = enabled
+        self.path = output / "metrics.jsonl"
+        self.bar = None
+        self.tb = None
+        if not enabled:
+            return
+        if start_step > 0 and self.path.exists():  # resume: drop rows the resumed run will write again
+            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in rows if json.loads(line).get("step", 0) <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        file=sys.stderr, mininterval=0.5)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(output / "tensorboard"))
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"train/{key}", value, row["step"])
+        if self.bar is not None and "loss" in row:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                 tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['peak_mem_gb']:.2f}G",
+                                 refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def write(self, message: str) -> None:
+        """A line above the bar (rank 0)."""
+        if self.enabled:
+            if self.bar is not None:
+                self.bar.write(message, file=sys.stderr)
+            else:
+                print(message, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
