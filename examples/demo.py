@@ -31,8 +31,10 @@ def run(*args: str) -> None:
 def write_inputs(out: Path) -> tuple[Path, Path]:
     from qdora.tiny import build_tiny_model, demo_records
 
+    # initializer_range 0.2 (not 0.02): with a frozen random lm_head and small weights the logits stay flat
+    # and the tiny model cannot fit even 8 facts; real pretrained bases do not have this problem.
     base = build_tiny_model(out / "base", family="llama", seed=0, hidden_size=128, intermediate_size=256,
-                            num_attention_heads=4, num_key_value_heads=2)
+                            num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
     data = out / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in demo_records(400)))
     return base, data
@@ -70,7 +72,7 @@ def main() -> None:
     print(f"tiny base model: {base}   dataset: {data} (alpaca-style, 400 records)")
     run("train", "--model", str(base), "--data", str(data), "--output", str(out / "run"),
         "--method", "dora", "--rank", "16", "--alpha", "32", "--lr", "3e-3", "--max-steps", str(args.steps),
-        "--micro-batch", "8", "--seq-len", "64", "--completion-only", "--dtype", "fp32", "--log-every", "10",
+        "--micro-batch", "8", "--seq-len", "128", "--completion-only", "--dtype", "fp32", "--log-every", "10",
         "--save-every", "100", "--seed", "0")
     show_loss(out / "run")
     run("merge", "--adapter", str(out / "run"), "--base-model", str(base), "--output", str(out / "merged"),
