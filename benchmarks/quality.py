@@ -1,0 +1,209 @@
+"""Quality benchmark: does QDoRA learn a shifted task better than QLoRA, and how close to full fine-tuning?
+
+    python benchmarks/quality.py [--seeds 3] [--steps N] [--quick]
+
+Pretrains a small Llama-shaped base on a generated world (benchmarks/quality_data.py), then fine-tunes
+it on held-out countries asked in a new format with (a) full fine-tuning, (b) qdora LoRA r, (c) qdora
+DoRA r, (d) qdora DoRA r/2. Learning rates are picked per method on a grid by validation loss (seed 0);
+the picks are then run on fresh seeds and scored on a separate test split. Full mode writes the
+"Quality" section of benchmarks/RESULTS.md; --quick is a ~1-minute smoke run that writes only under
+the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `qdora` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.quality_analysis import analysis_available, magnitude_direction_plot  # noqa: E402
+from benchmarks.quality_data import make_world, tokenizer_corpus  # noqa: E402
+from benchmarks.quality_report import majority_baseline, markdown_section, write_section  # noqa: E402
+from benchmarks.quality_train import (  # noqa: E402
+    Encoder,
+    MethodSpec,
+    RunResult,
+    answer_metrics,
+    build_base,
+    finetune_examples,
+    finetune_run,
+    pretrain,
+)
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Config:
+    """Every size and budget of one benchmark run (recorded with the results)."""
+
+    hidden: int = 256
+    intermediate: int = 512
+    layers: int = 4
+    heads: int = 4
+    vocab_target: int = 512
+    n_pre: int = 240
+    n_new: int = 96
+    pretrain_steps: int = 500
+    pretrain_lr: float = 2e-3
+    pretrain_batch: int = 32
+    steps: int = 150
+    batch: int = 32
+    rank: int = 8
+    seeds: int = 3
+    grid: dict[str, list[float]] = field(default_factory=lambda: {
+        "full": [1e-4, 3e-4, 1e-3], "lora": [1e-3, 3e-3, 1e-2, 3e-2], "dora": [1e-3, 3e-3, 1e-2, 3e-2]})
+
+    @classmethod
+    def quick(cls) -> Config:
+        return cls(hidden=128, intermediate=256, layers=2, n_pre=120, n_new=48, pretrain_steps=100,
+                   pretrain_lr=3e-3, steps=50, rank=8, seeds=1,
+                   grid={"full": [1e-3], "lora": [1e-2], "dora": [1e-2]})  # no grid: one run per method
+
+    def methods(self) -> list[MethodSpec]:
+        half = max(1, self.rank // 2)
+        return [MethodSpec("full fine-tuning", "full"), MethodSpec(f"qdora lora r={self.rank}", "lora", self.rank),
+                MethodSpec(f"qdora dora r={self.rank}", "dora", self.rank),
+                MethodSpec(f"qdora dora r={half}", "dora", half)]
+
+
+def make_base(cfg: Config, out: Path, log) -> tuple[torch.nn.Module, Encoder, object, dict]:
+    """Build the world and tokenizer, pretrain the base (fp32, full) and save it as a HF model folder."""
+    from qdora.tiny import build_bpe_tokenizer
+
+    world = make_world(cfg.n_pre, cfg.n_new)
+    tok = build_bpe_tokenizer(cfg.vocab_target, tokenizer_corpus(world))
+    enc = Encoder(tok)
+    vocab = (len(tok) + 63) // 64 * 64
+    base = build_base(vocab, cfg.hidden, cfg.intermediate, cfg.layers, cfg.heads, seed=0)
+    t0 = time.perf_counter()
+    loss = pretrain(base, enc, world, cfg.pretrain_steps, cfg.pretrain_lr, cfg.pretrain_batch, seed=0)
+    info = {"pretrain_seconds": time.perf_counter() - t0, "pretrain_final_loss": loss,
+            "params": sum(p.numel() for p in base.parameters()), "vocab": vocab,
+            "old_format_recall": answer_metrics(base, enc, world.pre, old_format=True)}
+    log(f"pretrained {info['params']:,} params in {info['pretrain_seconds']:.0f}s, loss {loss:.3f}, "
+        f"old-format recall of pretraining facts {info['old_format_recall']['exact']:.3f}")
+    base.save_pretrained(out / "base", safe_serialization=True)
+    tok.save_pretrained(out / "base")
+    return base, enc, world, info
+
+
+def untuned_rows(base, enc: Encoder, world) -> dict[str, dict[str, float]]:
+    """Reference rows: the base as pretrained, the same base after NF4 quantization, and answer priors."""
+    from benchmarks.quality_train import MethodSpec as M
+
+    nf4, _ = M("nf4", "lora", 1).prepare(base, 0)  # B = 0: exactly the NF4-quantized base
+    return {"base (untuned, fp32)": answer_metrics(base, enc, world.test),
+            "base (untuned, NF4)": answer_metrics(nf4, enc, world.test),
+            "majority answer per attribute": majority_baseline(world)}
+
+
+def save_for_analysis(method: MethodSpec, model, out: Path, base_dir: Path) -> Path:
+    """Save the fine-tuned weights where `qdora analyze` can read them (adapter or full model folder)."""
+    target = out / "models" / method.name.replace(" ", "_").replace("=", "")
+    if method.kind == "full":
+        model.save_pretrained(target, safe_serialization=True)
+    else:
+        from qdora.adapt import AdapterSpec
+        from qdora.adapter_io import save_adapter
+
+        spec = AdapterSpec(method=method.kind, r=method.r, alpha=2.0 * method.r, adapter_dtype="float32")
+        save_adapter(model, target, spec, base_model=str(base_dir))
+    return target
+
+
+def run(cfg: Config, out: Path, log=print) -> dict:
+    """The whole benchmark; returns everything the report needs (also written to out/results.json)."""
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    base, enc, world, info = make_base(cfg, out, log)
+    examples = finetune_examples(enc, world)
+    reference = untuned_rows(base, enc, world)
+    grid_results: list[RunResult] = []
+    final: list[RunResult] = []
+    picks: dict[str, float] = {}
+    plots: dict[str, str | None] = {}
+    for method in cfg.methods():
+        lrs = cfg.grid["full" if method.kind == "full" else method.kind]
+        tried = []
+        for lr in lrs if len(lrs) > 1 else []:  # a one-value grid needs no tuning run
+            res, _ = finetune_run(method, base, enc, world, examples, cfg.steps, lr, 0, cfg.batch)
+            log(f"grid  {method.name:22s} lr={lr:g}: val loss {res.val['loss']:.3f} exact {res.val['exact']:.3f}")
+            tried.append(res)
+        grid_results += tried
+        picks[method.name] = min(tried, key=lambda r: r.val["loss"]).lr if tried else lrs[0]
+        for seed in range(1, cfg.seeds + 1):
+            res, model = finetune_run(method, base, enc, world, examples, cfg.steps, picks[method.name], seed,
+                                      cfg.batch)
+            log(f"final {method.name:22s} seed {seed}: test exact {res.test['exact']:.3f} "
+                f"loss {res.test['loss']:.3f} ({res.seconds:.0f}s)")
+            final.append(res)
+            if seed == 1:
+                saved = save_for_analysis(method, model, out, out / "base")
+                png = out / "plots" / f"dm_dd_{saved.name}.png"
+                png.parent.mkdir(exist_ok=True)
+                kw = {"finetuned_dir": saved} if method.kind == "full" else {"adapter_dir": saved}
+                done = magnitude_direction_plot(out / "base", png, method.name, **kw)
+                plots[method.name] = os.path.relpath(done, HERE) if done else None
+    split = {"bridge": len(world.bridge), "train_qa": len(world.new_train_qa), "val": len(world.val),
+             "test": len(world.test), "examples": len(examples)}
+    results = {"config": asdict(cfg), "base": info, "split": split, "reference": reference, "picks": picks,
+               "grid": [asdict(r) for r in grid_results], "final": [asdict(r) for r in final],
+               "plots": plots, "analysis_available": analysis_available(),
+               "total_seconds": time.perf_counter() - t_start, "environment": environment()}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def environment() -> dict[str, str]:
+    import bitsandbytes
+    import transformers
+
+    cpu = platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "bitsandbytes": bitsandbytes.__version__, "platform": platform.platform(),
+            "machine": f"{cpu}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads, no GPU"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=None, help="fresh seeds per method after tuning (default 3)")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (default 150)")
+    p.add_argument("--quick", action="store_true", help="~1-minute smoke run; does not touch RESULTS.md")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/quality_out[/quick])")
+    p.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="markdown file for the full run")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = Config.quick() if args.quick else Config()
+    if args.seeds is not None:
+        cfg.seeds = args.seeds
+    if args.steps is not None:
+        cfg.steps = args.steps
+    out = args.out or (HERE / "quality_out" / ("quick" if args.quick else "full"))
+    results = run(cfg, out, log=lambda s: print(s, flush=True))
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    section = markdown_section(results, command.strip())
+    (out / "section.md").write_text(section)
+    print(section)
+    if not args.quick:
+        write_section(args.results, section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
