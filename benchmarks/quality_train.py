@@ -112,7 +112,7 @@ def lr_at(step: int, steps: int, peak: float, warmup_frac: float = 0.1) -> float
 
 
 def train_loop(model: nn.Module, examples: list[Example], pad: int, steps: int, lr: float, batch_size: int,
-               seed: int, weight_decay: float = 0.0) -> float:
+               seed: int, weight_decay: float = 0.0, log=None) -> float:
     """AdamW over the trainable parameters, shuffled epochs, gradient clipping at 1. Returns the last loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
@@ -133,6 +133,8 @@ def train_loop(model: nn.Module, examples: list[Example], pad: int, steps: int, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if log is not None and (step + 1) % 100 == 0:
+            log(f"  step {step + 1}/{steps} loss {loss.item():.3f}")
     return float(loss.detach())
 
 
@@ -149,11 +151,11 @@ def build_base(vocab_size: int, hidden: int, intermediate: int, layers: int, hea
 
 
 def pretrain(model: nn.Module, enc: Encoder, world: World, steps: int, lr: float, batch_size: int,
-             seed: int) -> float:
+             seed: int, log=None) -> float:
     """Full fp32 training on country profiles; profiles are re-shuffled each pass so no order is memorized."""
     rng = random.Random(seed)
     docs = [enc.lm(d) for _ in range(8) for d in pretrain_documents(world, rng)]
-    return train_loop(model, docs, enc.pad, steps, lr, batch_size, seed, weight_decay=0.01)
+    return train_loop(model, docs, enc.pad, steps, lr, batch_size, seed, weight_decay=0.01, log=log)
 
 
 def finetune_examples(enc: Encoder, world: World) -> list[Example]:
