@@ -109,9 +109,13 @@ def untuned_rows(base, enc: Encoder, world) -> dict[str, dict[str, float]]:
             "majority answer per attribute": majority_baseline(world)}
 
 
+def model_dir(out: Path, method_name: str) -> Path:
+    return out / "models" / method_name.replace(" ", "_").replace("=", "")
+
+
 def save_for_analysis(method: MethodSpec, model, out: Path, base_dir: Path) -> Path:
     """Save the fine-tuned weights where `qdora analyze` can read them (adapter or full model folder)."""
-    target = out / "models" / method.name.replace(" ", "_").replace("=", "")
+    target = model_dir(out, method.name)
     if method.kind == "full":
         model.save_pretrained(target, safe_serialization=True)
     else:
@@ -133,7 +137,7 @@ def run(cfg: Config, out: Path, log=print) -> dict:
     grid_results: list[RunResult] = []
     final: list[RunResult] = []
     picks: dict[str, float] = {}
-    plots: dict[str, str | None] = {}
+    saved: dict[str, str] = {}
     for method in cfg.methods():
         lrs = cfg.grid["full" if method.kind == "full" else method.kind]
         tried = []
@@ -150,20 +154,29 @@ def run(cfg: Config, out: Path, log=print) -> dict:
                 f"loss {res.test['loss']:.3f} ({res.seconds:.0f}s)")
             final.append(res)
             if seed == 1:
-                saved = save_for_analysis(method, model, out, out / "base")
-                png = out / "plots" / f"dm_dd_{saved.name}.png"
-                png.parent.mkdir(exist_ok=True)
-                kw = {"finetuned_dir": saved} if method.kind == "full" else {"adapter_dir": saved}
-                done = magnitude_direction_plot(out / "base", png, method.name, **kw)
-                plots[method.name] = os.path.relpath(done, HERE) if done else None
+                saved[method.name] = str(save_for_analysis(method, model, out, out / "base"))
     split = {"bridge": len(world.bridge), "train_qa": len(world.new_train_qa), "val": len(world.val),
              "test": len(world.test), "examples": len(examples)}
     results = {"config": asdict(cfg), "base": info, "split": split, "reference": reference, "picks": picks,
                "grid": [asdict(r) for r in grid_results], "final": [asdict(r) for r in final],
-               "plots": plots, "analysis_available": analysis_available(),
-               "total_seconds": time.perf_counter() - t_start, "environment": environment()}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+               "saved": saved, "total_seconds": time.perf_counter() - t_start, "environment": environment()}
+    add_plots(results, out)
     return results
+
+
+def add_plots(results: dict, out: Path) -> None:
+    """ΔM vs ΔD plot of each method's seed-1 weights (when qdora.analyze exists); rewrites results.json."""
+    plots: dict[str, str | None] = {}
+    saved_dirs = results.get("saved") or {r["method"]: str(model_dir(out, r["method"])) for r in results["final"]}
+    for name, saved in saved_dirs.items():
+        png = out / "plots" / f"dm_dd_{Path(saved).name}.png"
+        png.parent.mkdir(exist_ok=True)
+        full = name == "full fine-tuning"
+        kw = {"finetuned_dir": Path(saved)} if full else {"adapter_dir": Path(saved)}
+        done = magnitude_direction_plot(out / "base", png, name, **kw)
+        plots[name] = os.path.relpath(done, HERE) if done else None
+    results["plots"], results["analysis_available"] = plots, analysis_available()
+    (out / "results.json").write_text(json.dumps(results, indent=1))
 
 
 def environment() -> dict[str, str]:
@@ -187,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 is fastest on a shared machine: spinning OpenMP threads collide)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/quality_out[/quick])")
+    p.add_argument("--from-results", action="store_true",
+                   help="do not train: redo the plots and the report from <out>/results.json")
     p.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="markdown file for the full run")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -196,9 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None:
         cfg.steps = args.steps
     out = args.out or (HERE / "quality_out" / ("quick" if args.quick else "full"))
-    results = run(cfg, out, log=lambda s: print(s, flush=True))
-    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    section = markdown_section(results, command.strip())
+    if args.from_results:  # plots and report from a finished run (e.g. once qdora.analyze has landed)
+        results = json.loads((out / "results.json").read_text())
+        add_plots(results, out)
+    else:
+        results = run(cfg, out, log=lambda s: print(s, flush=True))
+        given = sys.argv[1:] if argv is None else argv
+        results["command"] = " ".join(["python benchmarks/quality.py", *given])
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    section = markdown_section(results, results.get("command", "python benchmarks/quality.py"))
     (out / "section.md").write_text(section)
     print(section)
     if not args.quick:
