@@ -27,7 +27,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `qdora` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.quality_analysis import analysis_available, magnitude_direction_plot  # noqa: E402
+from benchmarks.quality_analysis import analysis_available, analyze_weights, side_by_side  # noqa: E402
 from benchmarks.quality_data import make_world, tokenizer_corpus  # noqa: E402
 from benchmarks.quality_report import majority_baseline, markdown_section, write_section  # noqa: E402
 from benchmarks.quality_train import (  # noqa: E402
@@ -165,17 +165,18 @@ def run(cfg: Config, out: Path, log=print) -> dict:
 
 
 def add_plots(results: dict, out: Path) -> None:
-    """ΔM vs ΔD plot of each method's seed-1 weights (when qdora.analyze exists); rewrites results.json."""
-    plots: dict[str, str | None] = {}
+    """`qdora analyze` on each method's seed-1 weights (when it exists), one side-by-side figure of all
+    methods, and the per-module slopes; rewrites results.json."""
     saved_dirs = results.get("saved") or {r["method"]: str(model_dir(out, r["method"])) for r in results["final"]}
+    csvs, slopes = {}, {}
     for name, saved in saved_dirs.items():
-        png = out / "plots" / f"dm_dd_{Path(saved).name}.png"
-        png.parent.mkdir(exist_ok=True)
-        full = name == "full fine-tuning"
-        kw = {"finetuned_dir": Path(saved)} if full else {"adapter_dir": Path(saved)}
-        done = magnitude_direction_plot(out / "base", png, name, **kw)
-        plots[name] = os.path.relpath(done, HERE) if done else None
-    results["plots"], results["analysis_available"] = plots, analysis_available()
+        kw = {"finetuned_dir": Path(saved)} if name == "full fine-tuning" else {"adapter_dir": Path(saved)}
+        done = analyze_weights(out / "base", out / "analysis" / Path(saved).name, **kw)
+        if done:
+            csvs[name], slopes[name] = done
+    plot = side_by_side(csvs, out / "plots" / "dm_vs_dd.png") if csvs else None
+    results["plot"] = os.path.relpath(plot, HERE) if plot else None
+    results["slopes"], results["analysis_available"] = slopes, analysis_available()
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
 

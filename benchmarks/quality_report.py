@@ -135,14 +135,21 @@ def markdown_section(results: dict, command: str) -> str:
               f"- {claim_check(rows, f'qdora dora r={rank}', f'qdora lora r={rank}')}",
               f"- {claim_check(rows, f'qdora dora r={half}', f'qdora lora r={rank}')}",
               f"- {claim_check(rows, f'qdora dora r={rank}', 'full fine-tuning')}", ""]
-    plots = {k: v for k, v in results["plots"].items() if v}
-    if plots:
-        lines += ["ΔM vs ΔD (magnitude vs direction change per weight matrix, seed 1, from `qdora analyze`):", ""]
-        lines += [f"![{k}]({v})" for k, v in plots.items()]
+    if results.get("plot"):
+        slopes = results.get("slopes", {})
+        modules = sorted({m for v in slopes.values() for m in v})
+        lines += ["ΔM vs ΔD from `qdora analyze` on the seed-1 weights, against the base each method trained on "
+                  "(the NF4 round trip for adapters, the fp32 base for full fine-tuning): one point per layer and "
+                  "module. Pearson r(ΔD, ΔM) per module type over the layers (the DoRA paper reads a negative "
+                  "slope for full fine-tuning and DoRA, a positive one for LoRA):", "",
+                  "| method | " + " | ".join(modules) + " |", "|---|" + "---:|" * len(modules)]
+        for name, per in slopes.items():
+            lines.append(f"| {name} | " + " | ".join(f"{per.get(m, float('nan')):+.2f}" for m in modules) + " |")
+        lines += ["", f"![ΔM vs ΔD per method]({results['plot']})"]
     else:
-        lines += ["ΔM vs ΔD plots: not produced — `qdora.analyze` was not available on this branch when the run "
-                  "was made; the fine-tuned weights are saved under `benchmarks/quality_out/full/models/` and "
-                  "`benchmarks/quality_analysis.py` is the single call to switch on."]
+        lines += ["ΔM vs ΔD plots: not produced — `qdora.analyze` was not on this branch when the run was made. "
+                  "The seed-1 weights are saved under `benchmarks/quality_out/full/models/`; "
+                  "`python benchmarks/quality.py --from-results` makes the plots without retraining."]
     if READING.exists():
         lines += ["", READING.read_text().strip()]
     lines += [END, ""]
