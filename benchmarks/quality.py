@@ -17,10 +17,12 @@ import contextlib
 import json
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -78,11 +80,24 @@ class Config:
                 MethodSpec(f"qdora dora r={half}", "dora", half)]
 
 
-def make_base(cfg: Config, out: Path, log) -> tuple[torch.nn.Module, Encoder, object, dict]:
-    """Build the world and tokenizer, pretrain the base (fp32, full) and save it as a HF model folder."""
+def make_base(cfg: Config, out: Path, log, reuse: bool = False) -> tuple[torch.nn.Module, Encoder, object, dict]:
+    """Build the world and tokenizer, pretrain the base (fp32, full) and save it as a HF model folder
+    (with `reuse`, load the base an earlier run of the same config saved instead of pretraining again)."""
     from qdora.tiny import build_bpe_tokenizer
 
     world = make_world(cfg.n_pre, cfg.n_new)
+    info_path = out / "base" / "pretrain_info.json"
+    if reuse and info_path.exists():
+        from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(out / "base")
+        enc = Encoder(tok)
+        base = LlamaForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+        info = json.loads(info_path.read_text())
+        info["old_format_recall"] = answer_metrics(base, enc, world.pre, old_format=True)
+        info["reused"] = True
+        log(f"reused the pretrained base in {out / 'base'}: recall {info['old_format_recall']['exact']:.3f}")
+        return base, enc, world, info
     tok = build_bpe_tokenizer(cfg.vocab_target, tokenizer_corpus(world))
     enc = Encoder(tok)
     vocab = (len(tok) + 63) // 64 * 64
@@ -96,7 +111,18 @@ def make_base(cfg: Config, out: Path, log) -> tuple[torch.nn.Module, Encoder, ob
         f"old-format recall of pretraining facts {info['old_format_recall']['exact']:.3f}")
     base.save_pretrained(out / "base", safe_serialization=True)
     tok.save_pretrained(out / "base")
+    info_path.write_text(json.dumps(info, indent=1))
     return base, enc, world, info
+
+
+def grid_from_log(path: Path) -> list[dict]:
+    """Grid results from the `grid …` lines of an earlier run's log (method, lr, validation loss/exact)."""
+    rows = []
+    for m in re.finditer(r"^grid  (.+?)\s+lr=([0-9.e-]+): val loss ([0-9.]+) exact ([0-9.]+)$", path.read_text(),
+                         re.MULTILINE):
+        rows.append({"method": m[1].strip(), "lr": float(m[2]), "seed": 0,
+                     "val": {"loss": float(m[3]), "exact": float(m[4])}, "from_log": str(path.name)})
+    return rows
 
 
 def untuned_rows(base, enc: Encoder, world) -> dict[str, dict[str, float]]:
@@ -127,11 +153,12 @@ def save_for_analysis(method: MethodSpec, model, out: Path, base_dir: Path) -> P
     return target
 
 
-def run(cfg: Config, out: Path, log=print) -> dict:
-    """The whole benchmark; returns everything the report needs (also written to out/results.json)."""
+def run(cfg: Config, out: Path, log=print, reuse_base: bool = False, logged_grid: list[dict] | None = None) -> dict:
+    """The whole benchmark; returns everything the report needs (also written to out/results.json).
+    `logged_grid`: take the learning-rate grid's results from an earlier run's log instead of re-running it."""
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    base, enc, world, info = make_base(cfg, out, log)
+    base, enc, world, info = make_base(cfg, out, log, reuse_base)
     examples = finetune_examples(enc, world)
     reference = untuned_rows(base, enc, world)
     grid_results: list[RunResult] = []
@@ -140,8 +167,8 @@ def run(cfg: Config, out: Path, log=print) -> dict:
     saved: dict[str, str] = {}
     for method in cfg.methods():
         lrs = cfg.grid["full" if method.kind == "full" else method.kind]
-        tried = []
-        for lr in lrs if len(lrs) > 1 else []:  # a one-value grid needs no tuning run
+        tried = [] if logged_grid is None else [SimpleNamespace(**g) for g in logged_grid if g["method"] == method.name]
+        for lr in lrs if len(lrs) > 1 and logged_grid is None else []:  # a one-value grid needs no tuning run
             res, _ = finetune_run(method, base, enc, world, examples, cfg.steps, lr, 0, cfg.batch)
             log(f"grid  {method.name:22s} lr={lr:g}: val loss {res.val['loss']:.3f} exact {res.val['exact']:.3f}")
             tried.append(res)
@@ -158,7 +185,8 @@ def run(cfg: Config, out: Path, log=print) -> dict:
     split = {"bridge": len(world.bridge), "train_qa": len(world.new_train_qa), "val": len(world.val),
              "test": len(world.test), "examples": len(examples)}
     results = {"config": asdict(cfg), "base": info, "split": split, "reference": reference, "picks": picks,
-               "grid": [asdict(r) for r in grid_results], "final": [asdict(r) for r in final],
+               "grid": [vars(r) if isinstance(r, SimpleNamespace) else asdict(r) for r in grid_results],
+               "final": [asdict(r) for r in final],
                "saved": saved, "total_seconds": time.perf_counter() - t_start, "environment": environment()}
     add_plots(results, out)
     return results
@@ -203,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/quality_out[/quick])")
     p.add_argument("--from-results", action="store_true",
                    help="do not train: redo the plots and the report from <out>/results.json")
+    p.add_argument("--reuse-base", action="store_true", help="load <out>/base from an earlier run, skip pretraining")
+    p.add_argument("--grid-from-log", type=Path, default=None,
+                   help="take the LR grid's results from an earlier run's log instead of re-running the grid")
     p.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="markdown file for the full run")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -216,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads((out / "results.json").read_text())
         add_plots(results, out)
     else:
-        results = run(cfg, out, log=lambda s: print(s, flush=True))
+        logged = grid_from_log(args.grid_from_log) if args.grid_from_log else None
+        results = run(cfg, out, log=lambda s: print(s, flush=True), reuse_base=args.reuse_base, logged_grid=logged)
         given = sys.argv[1:] if argv is None else argv
         results["command"] = " ".join(["python benchmarks/quality.py", *given])
         (out / "results.json").write_text(json.dumps(results, indent=1))
