@@ -180,6 +180,9 @@ def run(cfg: Config, out: Path, log=print, reuse_base: bool = False, logged_grid
             log(f"final {method.name:22s} seed {seed}: test exact {res.test['exact']:.3f} "
                 f"loss {res.test['loss']:.3f} ({res.seconds:.0f}s)")
             final.append(res)
+            checkpoint = {"picks": picks, "final": [asdict(r) for r in final], "grid": [
+                vars(r) if isinstance(r, SimpleNamespace) else asdict(r) for r in grid_results]}
+            (out / "partial.json").write_text(json.dumps(checkpoint, indent=1))  # a crash loses no finished run
             if seed == 1:
                 saved[method.name] = str(save_for_analysis(method, model, out, out / "base"))
     split = {"bridge": len(world.bridge), "train_qa": len(world.new_train_qa), "val": len(world.val),
