@@ -10,7 +10,6 @@ interrupted save never leaves a half-written adapter.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qdora.adapt import ALL_LINEAR, AdapterSpec, adapt_model, adapter_layers
+from qdora.atomic import atomic_write
 from qdora.errors import QdoraError
 
 CONFIG_NAME = "adapter_config.json"
@@ -68,16 +68,6 @@ def peft_config_dict(spec: AdapterSpec, target_names: list[str], base_model: str
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_adapter(
     model: nn.Module, out_dir: str | Path, spec: AdapterSpec, base_model: str | None = None,
     state: dict[str, torch.Tensor] | None = None,
@@ -90,8 +80,8 @@ def save_adapter(
         raise QdoraError("the model has no QDoRA layers: nothing to save")
     targets = sorted({_module_path(k).rsplit(".", 1)[-1] for k in state})
     config = peft_config_dict(spec, targets, base_model)
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return out
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from qdora.atomic import atomic_write
 from qdora.checkpoint_io import CheckpointReader, is_model_dir
 from qdora.errors import QdoraError
 from qdora.merge_plan import BASES, AdapterMerge, block_linear_keys
@@ -166,13 +166,15 @@ def format_table(summary: list[ModuleSummary]) -> str:
 
 def write_csv(rows: list[Row], path: Path) -> None:
     """Columns: step, layer, module, delta_m, delta_d (step empty for a single unnamed checkpoint)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "layer", "module", "delta_m", "delta_d"])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**asdict(r), "step": "" if r.step is None else r.step})
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", "layer", "module", "delta_m", "delta_d"])
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({**asdict(r), "step": "" if r.step is None else r.step})
+
+    atomic_write(path, write)
 
 
 def run_analysis(

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from qdora.analyze import ModuleSummary, Row
+from qdora.atomic import atomic_write
 
 
 def plot_rows(rows: list[Row], summary: list[ModuleSummary], path: Path) -> None:
@@ -55,7 +55,7 @@ def plot_rows(rows: list[Row], summary: list[ModuleSummary], path: Path) -> None
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.38 / height),
                    ncol=min(len(steps), 8), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - header / height))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import gguf
 
+from qdora.atomic import atomic_write
 from qdora.errors import QdoraError
 from qdora.gguf_config import ModelSpec, read_spec, write_hparams
 from qdora.gguf_tensors import OUTTYPES, TensorPlan, add_tensor_infos, plan_tensors, write_tensor_data
@@ -78,18 +79,18 @@ def _write_atomically(
     output_path: Path, spec: ModelSpec, vocab: VocabInfo, plans: list[TensorPlan], outtype: str
 ) -> None:
     """Header, metadata, tensor table, then tensor data streamed one at a time, into a temp file."""
-    tmp = output_path.with_name(f".{output_path.name}.tmp")
-    writer = gguf.GGUFWriter(tmp, spec.arch)
-    try:
-        write_hparams(writer, spec, OUTTYPES[outtype][1])
-        write_vocab(writer, vocab)
-        add_tensor_infos(writer, plans)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        write_tensor_data(writer, plans)
-        writer.close()
-        tmp.replace(output_path)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, spec.arch)
+        try:
+            write_hparams(writer, spec, OUTTYPES[outtype][1])
+            write_vocab(writer, vocab)
+            add_tensor_infos(writer, plans)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            write_tensor_data(writer, plans)
+        finally:
+            writer.close()
+
+    atomic_write(output_path, write)

@@ -7,6 +7,7 @@ import ctypes
 import os
 from pathlib import Path
 
+from qdora.atomic import atomic_write
 from qdora.errors import QdoraError
 
 INSTALL_HINT = "install it with scripts/install_llamacpp.sh (or `pip install llama-cpp-python`)"
@@ -42,12 +43,10 @@ def quantize_gguf(src: Path, dst: Path, qtype: str) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_ftype(qtype)
     params.nthread = os.cpu_count() or 1
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise QdoraError(f"llama.cpp failed to quantize {src} to {qtype} (return code {rc})")
-        tmp.replace(dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dst
+
+    return atomic_write(dst, write)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qdora.atomic import atomic_write
 from qdora.errors import QdoraError
 from qdora.gguf_tokenizer import VocabInfo
 
@@ -70,7 +71,4 @@ def modelfile_text(gguf_name: str, vocab: VocabInfo) -> str:
 def write_modelfile(gguf_path: Path, vocab: VocabInfo) -> Path:
     """Write `Modelfile` next to the GGUF (atomically) and return its path."""
     path = gguf_path.parent / "Modelfile"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(modelfile_text(gguf_path.name, vocab), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(modelfile_text(gguf_path.name, vocab), encoding="utf-8"))
