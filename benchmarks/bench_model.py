@@ -14,7 +14,14 @@ import zlib
 import torch
 from torch import nn
 
-from qdora.adapt import AdapterSpec, decoder_blocks, freeze_base, linear_names_in_blocks, make_layer
+from qdora.adapt import (
+    AdapterSpec,
+    decoder_blocks,
+    freeze_base,
+    linear_names_in_blocks,
+    make_layer,
+    set_submodule,
+)
 
 METHODS = ("qdora-dora", "qdora-lora", "peft-qdora", "peft-qlora")
 
@@ -23,11 +30,6 @@ def _seeded(shape, seed: int, name: str, device, dtype, std: float) -> torch.Ten
     """A normal(0, std) tensor that depends only on (seed, name), generated directly on `device`."""
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * std).to(dtype)
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
 def _meta_model(config, device, dtype):
@@ -83,7 +85,7 @@ def build_qdora(config, method: str, r: int, alpha: float, device, dtype, seed: 
             lin.bias.data.zero_()
         layer = make_layer(lin, spec)
         layer.reset_adapter(seed=zlib.crc32(path.encode()))
-        _set_submodule(model, path, layer)
+        set_submodule(model, path, layer)
         del lin
     freeze_base(model)
     decoder_blocks(model)  # refuse early if the family has no block list
@@ -110,7 +112,7 @@ def build_peft(config, method: str, r: int, alpha: float, device, dtype, seed: i
             lin.bias = nn.Parameter(torch.zeros(meta.out_features, device=device, dtype=dtype),
                                     requires_grad=False)
         lin.support_avx512bf16_for_cpu = False  # training path: dequantize + matmul, as on GPU
-        _set_submodule(model, path, lin)
+        set_submodule(model, path, lin)
         del w
     for p in model.parameters():
         p.requires_grad_(False)

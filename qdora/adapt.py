@@ -117,7 +117,8 @@ def find_targets(model: nn.Module, target: str | list[str]) -> list[str]:
     return chosen
 
 
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the module at dotted `path` (e.g. model.layers.0.mlp.up_proj) with `module`."""
     parent_path, _, leaf = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, leaf, module)
@@ -154,10 +155,10 @@ def adapt_model(
         if not isinstance(module, nn.Linear):
             raise QdoraError(f"{path} is already quantized/adapted")
         if path in targets:
-            _set_submodule(model, path, make_layer(module, spec, storage_dtype))
+            set_submodule(model, path, make_layer(module, spec, storage_dtype))
             report.adapted.append(path)
         else:
-            _set_submodule(model, path, make_frozen(module, spec, storage_dtype))
+            set_submodule(model, path, make_frozen(module, spec, storage_dtype))
         del module
     freeze_base(model)
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

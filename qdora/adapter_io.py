@@ -24,16 +24,22 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _SUFFIX_TO_ATTR = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "magnitude"}
+_ATTR_TO_SUFFIX = {attr: suffix for suffix, attr in _SUFFIX_TO_ATTR.items()}
+
+
+def peft_key(path: str, attr: str) -> str:
+    """PEFT's key for one adapter tensor: (`<path>`, `lora_A`) -> `base_model.model.<path>.lora_A.weight`."""
+    return PREFIX + path + _ATTR_TO_SUFFIX[attr]
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors under PEFT's key names (full tensors: call outside any FSDP sharding)."""
     state = {}
     for path, layer in adapter_layers(model).items():
-        for suffix, attr in _SUFFIX_TO_ATTR.items():
+        for attr in _ATTR_TO_SUFFIX:
             p = getattr(layer, attr)
             if p is not None:
-                state[PREFIX + path + suffix] = p.detach().to("cpu").contiguous()
+                state[peft_key(path, attr)] = p.detach().to("cpu").contiguous()
     return state
 
 

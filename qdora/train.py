@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from qdora.adapt import AdapterSpec, adapter_layers
-from qdora.adapter_io import load_adapter_tensors, save_adapter
+from qdora.adapter_io import load_adapter_tensors, peft_key, save_adapter
 from qdora.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
 from qdora.errors import QdoraError
 from qdora.load import build_meta_model, fill_param, load_model, open_checkpoint
@@ -53,9 +53,6 @@ from qdora.shard import (
 from qdora.train_config import TrainConfig
 
 log = logging.getLogger("qdora.train")
-_PEFT_SUFFIX = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight", "magnitude": ".lora_magnitude_vector"}
-
-
 class CausalLMLoss(nn.Module):
     """Decoder → final hidden states → chunked cross-entropy against lm_head: the module FSDP2 wraps at the root.
 
@@ -172,7 +169,7 @@ def _peft_state(trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in trainable.items():
         path, _, attr = name.rpartition(".")
-        out["base_model.model." + path + _PEFT_SUFFIX[attr]] = t.contiguous()
+        out[peft_key(path, attr)] = t.contiguous()
     return out
 
 
