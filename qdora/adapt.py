@@ -126,20 +126,15 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 def make_layer(linear: nn.Linear, spec: AdapterSpec, storage_dtype: torch.dtype | None = None) -> QDoRALinear:
     """A QDoRALinear for `linear`: quantized from its weight, or empty on meta for streaming loads."""
-    kwargs = dict(r=int(spec.r), alpha=float(spec.alpha), method=spec.method, rslora=spec.rslora,
-                  dropout=float(spec.dropout), double_quant=spec.double_quant,
-                  adapter_dtype=spec.torch_adapter_dtype, storage_dtype=storage_dtype)
-    if linear.weight.device.type == "meta":
-        return QDoRALinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                           device="meta", **kwargs)
-    return QDoRALinear.from_linear(linear, **kwargs)
+    return QDoRALinear.from_linear(
+        linear, r=int(spec.r), alpha=float(spec.alpha), method=spec.method, rslora=spec.rslora,
+        dropout=float(spec.dropout), double_quant=spec.double_quant, adapter_dtype=spec.torch_adapter_dtype,
+        storage_dtype=storage_dtype,
+    )
 
 
 def make_frozen(linear: nn.Linear, spec: AdapterSpec, storage_dtype: torch.dtype | None = None) -> NF4Linear:
     """A frozen NF4Linear for an untargeted linear (empty on meta for streaming loads)."""
-    if linear.weight.device.type == "meta":
-        return NF4Linear(linear.in_features, linear.out_features, linear.bias is not None, spec.double_quant,
-                         storage_dtype, device="meta")
     return NF4Linear.from_linear(linear, spec.double_quant, storage_dtype)
 
 

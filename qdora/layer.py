@@ -131,6 +131,16 @@ class _QDoRAFunction(torch.autograd.Function):
         return (dx, dxad, da, db, dm, dbias) + (None,) * 10
 
 
+def _take_linear(layer: nn.Module, linear: nn.Linear) -> bool:
+    """Quantize `linear`'s weight into `layer.base` and copy its bias; False (nothing to take) on meta."""
+    if linear.weight.device.type == "meta":
+        return False
+    layer.base.quantize_(linear.weight.data)
+    if linear.bias is not None:
+        layer.bias.data = linear.bias.data.detach().clone()
+    return True
+
+
 class _FrozenNF4Function(torch.autograd.Function):
     """y = x·Ŵᵀ + b for a frozen NF4 weight: saves the packed bytes, re-dequantizes for dx."""
 
@@ -168,11 +178,10 @@ class NF4Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, double_quant: bool = True,
                     storage_dtype: torch.dtype | None = None) -> NF4Linear:
+        """Quantize an existing nn.Linear (its device); a meta linear gives an empty meta layer."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, double_quant,
                     storage_dtype, device=linear.weight.device)
-        layer.base.quantize_(linear.weight.data)
-        if linear.bias is not None:
-            layer.bias.data = linear.bias.data.detach().clone()
+        _take_linear(layer, linear)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,13 +246,13 @@ class QDoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> QDoRALinear:
-        """Quantize an existing nn.Linear (its device) and attach a freshly initialised adapter."""
+        """Quantize an existing nn.Linear (its device) and attach a freshly initialised adapter.
+
+        A meta linear gives an empty meta layer: the streaming loader fills the base and inits the adapter."""
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     device=linear.weight.device, **kwargs)
-        layer.base.quantize_(linear.weight.data)
-        if linear.bias is not None:
-            layer.bias.data = linear.bias.data.detach().clone()
-        layer.reset_adapter()
+        if _take_linear(layer, linear):
+            layer.reset_adapter()
         return layer
 
     @torch.no_grad()
