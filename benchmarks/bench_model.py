@@ -14,7 +14,7 @@ import zlib
 import torch
 from torch import nn
 
-from qdora.adapt import (
+from qdora.core.adapt import (
     AdapterSpec,
     decoder_blocks,
     freeze_base,

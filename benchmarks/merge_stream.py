@@ -21,9 +21,9 @@ import torch
 def build(root: Path, layers: int) -> tuple[Path, Path]:
     from transformers import AutoModelForCausalLM
 
-    from qdora.adapt import AdapterSpec, adapt_model, adapter_layers
-    from qdora.adapter_io import save_adapter
-    from qdora.tiny import build_tiny_model
+    from qdora.core.adapt import AdapterSpec, adapt_model, adapter_layers
+    from qdora.core.adapter_io import save_adapter
+    from qdora.testing.tiny_models import build_tiny_model
 
     base, adapter = root / "base", root / "adapter"
     if not (adapter / "adapter_model.safetensors").is_file():
@@ -59,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     base, adapter = build(args.root, args.layers)
     disk = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e6
-    imports = [sys.executable, "-c", "import qdora.cli, qdora.merge, transformers, accelerate, bitsandbytes;"
+    imports = [sys.executable, "-c", "import qdora.cli, qdora.export.merge, transformers, accelerate, bitsandbytes;"
                "from transformers import AutoModelForCausalLM"]
     merge = [sys.executable, "-m", "qdora.cli", "merge", "--adapter", str(adapter), "--output",
              str(args.root / f"merged-{args.dtype}"), "--dtype", args.dtype, "--shard-size", args.shard_size,

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_model import METHODS, build  # noqa: E402
 from benchmarks.train_step import autocast_for, batch, sync, train_step  # noqa: E402
-from qdora.presets import preset_config  # noqa: E402
+from qdora.tools.presets import preset_config  # noqa: E402
 
 
 def main(argv=None) -> int:

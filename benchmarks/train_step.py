@@ -2,7 +2,7 @@
 
 Each method gets a fresh model (built layer by layer, see bench_model.py), the same seeded token batch,
 AdamW over its adapter parameters, bf16 autocast (unless --dtype float32) and non-reentrant gradient
-checkpointing, with transformers' own loss (`labels=`: full logits) or `--loss chunked` (qdora/loss.py).
+checkpointing, with transformers' own loss (`labels=`: full logits) or `--loss chunked` (qdora/train/loss.py).
 Reported per method: median step
 time over --steps after --warmup, tokens/s, peak memory, MFU and the step-0 loss.
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_model import METHODS, build  # noqa: E402
 from benchmarks.live_bytes import LiveBytes, storage_bytes  # noqa: E402
 from qdora.errors import QdoraError  # noqa: E402
-from qdora.presets import preset_config  # noqa: E402
+from qdora.tools.presets import preset_config  # noqa: E402
 
 GIB = 1024**3
 
@@ -94,7 +94,7 @@ def forward_loss(model, ids: torch.Tensor, loss: str = "full", chunk: int = 1024
     states (never more than `chunk` tokens of logits at once)."""
     if loss == "full":
         return model(input_ids=ids, labels=ids).loss
-    from qdora.loss import chunked_causal_lm_loss
+    from qdora.train.loss import chunked_causal_lm_loss
 
     hidden = model.get_decoder()(input_ids=ids).last_hidden_state
     return chunked_causal_lm_loss(hidden, model.get_output_embeddings().weight, ids, chunk)
@@ -190,7 +190,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {', '.join(METHODS)}")
     p.add_argument("--loss", default="full", choices=["full", "chunked"],
-                   help="full: transformers' loss from labels=; chunked: qdora/loss.py on the hidden states")
+                   help="full: transformers' loss from labels=; chunked: qdora/train/loss.py on the hidden states")
     p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per logits chunk with --loss chunked")
     p.add_argument("--mem-cap-gib", type=float, help="CUDA: cap this process's GPU memory (emulates a smaller card)")
     p.add_argument("--lr", type=float, default=1e-4)

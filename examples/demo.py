@@ -29,7 +29,8 @@ def run(*args: str) -> None:
 
 
 def write_inputs(out: Path) -> tuple[Path, Path]:
-    from qdora.tiny import build_tiny_model, demo_records
+    from qdora.testing.demo_data import demo_records
+    from qdora.testing.tiny_models import build_tiny_model
 
     # initializer_range 0.2 (not 0.02): with a frozen random lm_head and small weights the logits stay flat
     # and the tiny model cannot fit even 8 facts; real pretrained bases do not have this problem.
@@ -51,7 +52,7 @@ def show_loss(run_dir: Path) -> None:
 def generate(gguf: Path, question: str) -> str:
     from llama_cpp import Llama
 
-    from qdora.data_formats import alpaca_prompt
+    from qdora.data.formats import alpaca_prompt
 
     llm = Llama(model_path=str(gguf), n_ctx=256, verbose=False)
     out = llm(alpaca_prompt(question), max_tokens=16, temperature=0.0)

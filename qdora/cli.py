@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from qdora.cli_train import EPILOG, train_options
+from qdora.cli_options import EPILOG, train_options
 from qdora.errors import QdoraError
 
 
@@ -37,7 +37,7 @@ def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, targ
     """
     import json
 
-    from qdora.plan import load_config, plan_memory
+    from qdora.tools.plan import load_config, plan_memory
 
     try:
         result = plan_memory(load_config(model), gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
@@ -61,7 +61,7 @@ def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, targ
               help="Also quantize with llama.cpp (e.g. Q4_K_M); repeatable. Needs llama-cpp-python.")
 def export(model_dir: str, output: str, outtype: str, modelfile: bool, quantize: tuple[str, ...]) -> None:
     """Convert a merged checkpoint to GGUF for llama.cpp / Ollama."""
-    from qdora.export import export_gguf
+    from qdora.export.gguf_export import export_gguf
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)
@@ -83,8 +83,8 @@ def train(config_file: str | None, **flags) -> None:
     """
     import sys
 
-    from qdora.train import train as run_training
-    from qdora.train_config import read_yaml, resolve_config
+    from qdora.train.config import read_yaml, resolve_config
+    from qdora.train.loop import train as run_training
 
     logging.basicConfig(level=logging.INFO if _is_main_rank() else logging.ERROR, format="%(message)s")
     for noisy in ("httpx", "datasets", "transformers"):
@@ -128,7 +128,7 @@ def _is_main_rank() -> bool:
 def merge(adapter_dir: str, output: str, base_model: str | None, dtype: str, base_kind: str, shard_size: str,
           overwrite: bool) -> None:
     """Merge an adapter into its base: a full-precision checkpoint that loads with plain transformers."""
-    from qdora.merge import merge_adapter
+    from qdora.export.merge import merge_adapter
 
     try:
         res = merge_adapter(adapter_dir, output, base_model=base_model, dtype=dtype, base=base_kind,
@@ -158,7 +158,8 @@ def merge(adapter_dir: str, output: str, base_model: str | None, dtype: str, bas
 def analyze(adapter_dir: str | None, finetuned: str | None, checkpoints: tuple[str, ...], base_model: str | None,
             base_kind: str | None, output: str, more_checkpoints: tuple[str, ...]) -> None:
     """Magnitude/direction change of each adapted weight (the DoRA paper's weight-decomposition analysis)."""
-    from qdora.analyze import format_table, run_analysis
+    from qdora.tools.analyze import run_analysis
+    from qdora.tools.decomposition import format_table
 
     try:
         if more_checkpoints and not checkpoints:

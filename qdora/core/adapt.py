@@ -1,0 +1,186 @@
+"""Put QDoRA layers into a transformers causal LM: pick targets, quantize, freeze the rest.
+
+Targets are the `nn.Linear` modules inside the decoder blocks (q/k/v/o, gate/up/down for Llama,
+Mistral, Qwen2); `lm_head` and embeddings are never adapted. A module on the meta device is replaced by
+an empty layer on meta (the streaming loader fills it); a real one is quantized on its own device.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from qdora.core.layer import NF4Linear, QDoRALinear
+from qdora.core.nf4 import NF4Weight
+from qdora.errors import QdoraError
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class AdapterSpec:
+    """What to adapt and how: the options a user chooses (and that adapter_config.json records)."""
+
+    method: str = "dora"
+    r: int = 16
+    alpha: float = 16.0
+    rslora: bool = False
+    dropout: float = 0.0
+    target: str | list[str] = ALL_LINEAR
+    double_quant: bool = True
+    adapter_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("dora", "lora"):
+            raise QdoraError(f"unknown method {self.method!r}: choose 'dora' or 'lora'")
+        if int(self.r) < 1:
+            raise QdoraError(f"rank must be a positive integer, not {self.r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise QdoraError(f"dropout must be in [0, 1), not {self.dropout}")
+        if self.adapter_dtype not in ("bfloat16", "float32", "float16"):
+            raise QdoraError(f"adapter dtype must be bfloat16, float16 or float32, not {self.adapter_dtype!r}")
+
+    @property
+    def torch_adapter_dtype(self) -> torch.dtype:
+        return getattr(torch, self.adapter_dtype)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AdaptReport:
+    """What `adapt_model` did, for logs and the CLI."""
+
+    adapted: list[str] = field(default_factory=list)
+    trainable_params: int = 0
+    total_params: int = 0
+
+    @property
+    def target_names(self) -> list[str]:
+        return sorted({path.rsplit(".", 1)[-1] for path in self.adapted})
+
+    def summary(self) -> str:
+        pct = 100.0 * self.trainable_params / max(self.total_params, 1)
+        return (f"adapted {len(self.adapted)} linear layers ({', '.join(self.target_names)}); "
+                f"trainable {self.trainable_params:,} of {self.total_params:,} parameters ({pct:.3f}%)")
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks of a transformers causal LM (model.model.layers for Llama)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    blocks = getattr(decoder, "layers", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise QdoraError(
+            f"{type(model).__name__} has no decoder block list (expected model.get_decoder().layers): "
+            "qdora adapts Llama, Mistral and Qwen2-style causal LMs"
+        )
+    return blocks
+
+
+def _block_prefix(model: nn.Module) -> str:
+    blocks = decoder_blocks(model)
+    for name, module in model.named_modules():
+        if module is blocks:
+            return name
+    raise QdoraError("decoder blocks are not reachable from the model root")
+
+
+def linear_names_in_blocks(model: nn.Module) -> list[str]:
+    """Paths of every linear (plain or already adapted) inside the decoder blocks."""
+    prefix = _block_prefix(model) + "."
+    return [n for n, m in model.named_modules()
+            if n.startswith(prefix) and isinstance(m, (nn.Linear, QDoRALinear, NF4Linear))]
+
+
+def find_targets(model: nn.Module, target: str | list[str]) -> list[str]:
+    """Module paths to adapt: `all-linear`, a list of leaf names (q_proj, ...), or a regex on paths."""
+    candidates = linear_names_in_blocks(model)
+    if isinstance(target, str) and target != ALL_LINEAR and "," in target:
+        target = [t.strip() for t in target.split(",") if t.strip()]
+    if target == ALL_LINEAR:
+        chosen = candidates
+    elif isinstance(target, str):  # PEFT semantics: a string is a regex matched on the full path
+        chosen = [n for n in candidates if re.fullmatch(target, n)]
+    else:
+        wanted = set(target)
+        chosen = [n for n in candidates if n.rsplit(".", 1)[-1] in wanted]
+    if not chosen:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        raise QdoraError(
+            f"no module of {type(model).__name__} matches target {target!r}; the linear modules in its "
+            f"decoder blocks are: {', '.join(leaves) if leaves else 'none'}"
+        )
+    return chosen
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the module at dotted `path` (e.g. model.layers.0.mlp.up_proj) with `module`."""
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, leaf, module)
+
+
+def make_layer(linear: nn.Linear, spec: AdapterSpec, storage_dtype: torch.dtype | None = None) -> QDoRALinear:
+    """A QDoRALinear for `linear`: quantized from its weight, or empty on meta for streaming loads."""
+    return QDoRALinear.from_linear(
+        linear, r=int(spec.r), alpha=float(spec.alpha), method=spec.method, rslora=spec.rslora,
+        dropout=float(spec.dropout), double_quant=spec.double_quant, adapter_dtype=spec.torch_adapter_dtype,
+        storage_dtype=storage_dtype,
+    )
+
+
+def make_frozen(linear: nn.Linear, spec: AdapterSpec, storage_dtype: torch.dtype | None = None) -> NF4Linear:
+    """A frozen NF4Linear for an untargeted linear (empty on meta for streaming loads)."""
+    return NF4Linear.from_linear(linear, spec.double_quant, storage_dtype)
+
+
+def adapt_model(
+    model: nn.Module, spec: AdapterSpec, storage_dtype: torch.dtype | None = None
+) -> AdaptReport:
+    """Quantize every linear of the decoder blocks to NF4 (in place), put adapters on the targeted ones,
+    and freeze everything else. Untargeted linears become frozen `NF4Linear`s, as in QLoRA."""
+    report = AdaptReport()
+    targets = set(find_targets(model, spec.target))
+    for path in linear_names_in_blocks(model):
+        module = model.get_submodule(path)
+        if not isinstance(module, nn.Linear):
+            raise QdoraError(f"{path} is already quantized/adapted")
+        if path in targets:
+            set_submodule(model, path, make_layer(module, spec, storage_dtype))
+            report.adapted.append(path)
+        else:
+            set_submodule(model, path, make_frozen(module, spec, storage_dtype))
+        del module
+    freeze_base(model)
+    report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    report.total_params = count_parameters(model)
+    return report
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Only adapter tensors (lora_A, lora_B, magnitude) train; base weights, biases, norms are frozen."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in adapter_layers(model).values():
+        for p in layer.adapter_parameters():
+            p.requires_grad_(True)
+
+
+def adapter_layers(model: nn.Module) -> dict[str, QDoRALinear]:
+    """Every QDoRA layer of the model by module path."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QDoRALinear)}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters as the user thinks of them: an NF4 weight counts out×in, not its packed bytes."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, NF4Weight):
+            total += module.spec.out_features * module.spec.in_features
+        else:
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total

@@ -1,0 +1,181 @@
+"""Adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+PEFT is what the ecosystem reads (vLLM, TGI, `PeftModel.from_pretrained`), so our adapters are PEFT
+adapters: key names `base_model.model.<path>.lora_A.weight`, `.lora_B.weight`,
+`.lora_magnitude_vector`, and a config with `peft_type: LORA`, `use_dora`, `r`, `lora_alpha`, ...
+Adapters made by PEFT load here too. Files are written to a temporary name and renamed, so an
+interrupted save never leaves a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qdora.core.adapt import ALL_LINEAR, AdapterSpec, adapt_model, adapter_layers
+from qdora.core.nf4 import BLOCKSIZE
+from qdora.errors import QdoraError
+from qdora.io.atomic import atomic_write
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_SUFFIX_TO_ATTR = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "magnitude"}
+_ATTR_TO_SUFFIX = {attr: suffix for suffix, attr in _SUFFIX_TO_ATTR.items()}
+
+
+def peft_key(path: str, attr: str) -> str:
+    """PEFT's key for one adapter tensor: (`<path>`, `lora_A`) -> `base_model.model.<path>.lora_A.weight`."""
+    return PREFIX + path + _ATTR_TO_SUFFIX[attr]
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT's key names (full tensors: call outside any FSDP sharding)."""
+    state = {}
+    for path, layer in adapter_layers(model).items():
+        for attr in _ATTR_TO_SUFFIX:
+            p = getattr(layer, attr)
+            if p is not None:
+                state[peft_key(path, attr)] = p.detach().to("cpu").contiguous()
+    return state
+
+
+def _module_path(key: str) -> str:
+    """`base_model.model.<path>.lora_A.weight` -> `<path>`."""
+    for suffix in _SUFFIX_TO_ATTR:
+        if key.endswith(suffix):
+            return key[len(PREFIX): -len(suffix)]
+    raise QdoraError(f"unexpected adapter key {key!r}")
+
+
+def peft_config_dict(spec: AdapterSpec, target_names: list[str], base_model: str | None) -> dict:
+    """The adapter_config.json PEFT expects (only fields we set; PEFT fills its defaults)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": int(spec.r),
+        "lora_alpha": spec.alpha,
+        "lora_dropout": float(spec.dropout),
+        "use_rslora": bool(spec.rslora),
+        "use_dora": spec.method == "dora",
+        "target_modules": sorted(target_names),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+        # qdora's own record of how the base was quantized, ignored by PEFT
+        "qdora": {"method": spec.method, "double_quant": spec.double_quant, "quant_type": "nf4",
+                  "blocksize": BLOCKSIZE, "adapter_dtype": spec.adapter_dtype},
+    }
+
+
+def save_adapter(
+    model: nn.Module, out_dir: str | Path, spec: AdapterSpec, base_model: str | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the adapter in PEFT format; `state` overrides the tensors (e.g. gathered from FSDP)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = adapter_state_dict(model) if state is None else state
+    if not state:
+        raise QdoraError("the model has no QDoRA layers: nothing to save")
+    targets = sorted({_module_path(k).rsplit(".", 1)[-1] for k in state})
+    config = peft_config_dict(spec, targets, base_model)
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return out
+
+
+def read_adapter_config(adapter_dir: str | Path) -> tuple[AdapterSpec, dict]:
+    """The AdapterSpec an adapter folder (ours or PEFT's) was made with, plus its raw config."""
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise QdoraError(f"{adapter_dir} is not an adapter folder: {CONFIG_NAME} is missing")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise QdoraError(f"{path} is not valid JSON: {e}") from e
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise QdoraError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA/DoRA)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise QdoraError(f"{path}: per-module {key} is not supported")
+    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
+        raise QdoraError(f"{path}: trained biases / modules_to_save are not supported")
+    targets = cfg.get("target_modules") or ALL_LINEAR
+    own = cfg.get("qdora", {})
+    spec = AdapterSpec(
+        method="dora" if cfg.get("use_dora") else "lora",
+        r=int(cfg["r"]),
+        alpha=float(cfg.get("lora_alpha", cfg["r"])),
+        rslora=bool(cfg.get("use_rslora", False)),
+        dropout=float(cfg.get("lora_dropout", 0.0)),
+        target=targets if isinstance(targets, str) else list(targets),
+        double_quant=bool(own.get("double_quant", True)),
+        adapter_dtype=own.get("adapter_dtype", "float32"),
+    )
+    return spec, cfg
+
+
+def load_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter tensors keyed by (module path, attribute), from PEFT-format files."""
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    if not path.is_file():
+        bin_path = Path(adapter_dir) / "adapter_model.bin"
+        if not bin_path.is_file():
+            raise QdoraError(f"{adapter_dir} has no {WEIGHTS_NAME}")
+        raw = torch.load(bin_path, map_location="cpu", weights_only=True)
+    else:
+        raw = load_file(str(path))
+    out = {}
+    for key, tensor in raw.items():
+        if not key.startswith(PREFIX):
+            raise QdoraError(f"unexpected adapter key {key!r} (expected the prefix {PREFIX!r})")
+        body = key[len(PREFIX):].replace(".default.", ".")  # older PEFT kept the adapter name
+        for suffix, attr in _SUFFIX_TO_ATTR.items():
+            if body.endswith(suffix):
+                out[(body[: -len(suffix)], attr)] = tensor
+                break
+        else:
+            if body.endswith(".lora_magnitude_vector.weight"):
+                out[(body[: -len(".lora_magnitude_vector.weight")], "magnitude")] = tensor
+            else:
+                raise QdoraError(f"unexpected adapter key {key!r}")
+    return out
+
+
+@torch.no_grad()
+def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
+    """Copy an adapter's tensors into an already adapted model; every layer must be covered."""
+    tensors = load_adapter_tensors(adapter_dir)
+    layers = adapter_layers(model)
+    missing = [(p, a) for p, layer in layers.items() for a in ("lora_A", "lora_B", "magnitude")
+               if getattr(layer, a) is not None and (p, a) not in tensors]
+    unknown = [p for p, _ in tensors if p not in layers]
+    if missing or unknown:
+        raise QdoraError(
+            f"adapter {adapter_dir} does not fit this model: "
+            + (f"missing {missing[:3]}{'...' if len(missing) > 3 else ''} " if missing else "")
+            + (f"no such adapted module {unknown[:3]}" if unknown else "")
+        )
+    for (path, attr), tensor in tensors.items():
+        param = getattr(layers[path], attr)
+        if param is None:
+            raise QdoraError(f"{path} has no {attr} (adapter method does not match the model's layers)")
+        if param.shape != tensor.shape:
+            raise QdoraError(f"{path}.{attr}: adapter shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
+        param.copy_(tensor.to(param.dtype))
+
+
+def apply_adapter(model: nn.Module, adapter_dir: str | Path, storage_dtype: torch.dtype | None = None):
+    """Adapt a full-precision model as the adapter's config says, then load the adapter's weights."""
+    spec, _ = read_adapter_config(adapter_dir)
+    report = adapt_model(model, spec, storage_dtype)
+    load_adapter_weights(model, adapter_dir)
+    return spec, report

@@ -1,0 +1,238 @@
+"""Stream a local safetensors checkpoint into an NF4-quantized, adapted model without the full-precision model.
+
+The model is built on the meta device, adapted there (empty NF4/QDoRA layers), optionally sharded by a
+callback (FSDP2 `fully_shard`, still on meta), then materialised empty on the target device. Each tensor
+is then read from the (possibly sharded, `model.safetensors.index.json`) checkpoint with `safe_open`, one
+at a time: block linears are quantized to NF4 on the target device and only this rank's rows are kept;
+everything else (embeddings, norms, lm_head) is cast to the compute dtype. Peak host memory is about one
+full-precision tensor plus the quantized model (or this rank's shard of it).
+
+Every rank reads and quantizes the *whole* tensor of a linear: NF4's double quantization computes its
+second-level statistics (absmax2, offset) over all blocks of the weight, so quantizing a row slice alone
+would give different bytes than the single-process model. The full tensor lives only while it is quantized.
+
+Non-persistent buffers (the rotary `inv_freq`) are not in the checkpoint; they are recomputed from the
+config after `to_empty` by re-creating the rotary module on the target device (as transformers' own
+`_init_weights` does). Tied embeddings: when the checkpoint has no `lm_head.weight`, the lm_head is filled
+from the embedding (it is frozen, so a copy is as good as a tie).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qdora.core.adapt import AdapterSpec, AdaptReport, adapt_model, adapter_layers
+from qdora.core.layer import NF4Linear, QDoRALinear
+from qdora.core.nf4 import NF4Weight, nf4_from_weight
+from qdora.errors import QdoraError
+from qdora.io.weights import WeightReader
+
+log = logging.getLogger("qdora.core.load")
+
+
+def open_checkpoint(model_dir: str | Path) -> WeightReader:
+    """The model folder's safetensors tensors (single file or index-sharded), read one at a time.
+
+    `WeightReader` gives each tensor its own short-lived memory map: a map held open keeps every
+    page read so far in this process's resident set, growing RSS to the whole file.
+    """
+    d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise QdoraError(f"{model_dir} is not a model folder: config.json is missing")
+    return WeightReader(d)
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed multi-MB blocks for reuse otherwise)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 (probe: non-glibc libcs lack it)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
+def iter_checkpoint(reader: WeightReader) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(name, loader) per tensor in file order; the loader reads that tensor only."""
+    for name in reader.keys():  # noqa: SIM118 (file order; the reader is not iterable)
+        yield name, (lambda n=name: reader.get(n))
+        _release_freed_memory()
+
+
+def meta_model(model_dir: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """The causal LM of `model_dir`'s config on the meta device: its module tree, no memory, no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError, KeyError) as e:
+        raise QdoraError(f"cannot read the model config in {model_dir}: {e}") from e
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+        except (ValueError, KeyError) as e:
+            raise QdoraError(f"{model_dir}: transformers cannot build a causal LM from this config: {e}") from e
+
+
+def build_meta_model(model_dir: str | Path, spec: AdapterSpec, compute_dtype: torch.dtype):
+    """The causal LM on the meta device, adapted (empty NF4 + adapter layers): no memory is used."""
+    model = meta_model(model_dir, compute_dtype)
+    report = adapt_model(model, spec)
+    return model, report
+
+
+def _local_rows(param: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(destination, source) for filling `param` from the full tensor: this rank's dim-0 chunk under FSDP2."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return param.data, full
+    local = param.to_local()
+    mesh = param.device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    chunks = torch.chunk(full, world, dim=0)  # FSDP2 shards dim 0 as torch.chunk does
+    src = chunks[rank] if rank < len(chunks) else full[:0]
+    return local, src
+
+
+@torch.no_grad()
+def fill_param(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into a parameter (or its FSDP2 shard), keeping the parameter's dtype and device."""
+    dst, src = _local_rows(param, full)
+    if tuple(dst.shape) != tuple(src.shape):
+        raise QdoraError(f"shape mismatch while loading: expected {tuple(dst.shape)}, got {tuple(src.shape)}")
+    dst.copy_(src.to(device=dst.device, dtype=dst.dtype))  # NF4 bytes arrive already in the storage dtype
+
+
+@torch.no_grad()
+def fill_nf4(target: NF4Weight, weight: torch.Tensor, device: torch.device) -> None:
+    """Quantize a full-precision weight on `device` and put (this rank's rows of) it into `target`."""
+    q = nf4_from_weight(weight.to(device=device, dtype=torch.float32), target.spec.double_quant,
+                        target.storage_dtype)
+    fill_param(target.packed, q.packed.data)
+    fill_param(target.absmax, q.absmax.data)
+    for name in ("absmax2", "code2", "offset", "code", "row_norm_sq"):
+        setattr(target, name, getattr(q, name).to(device))
+
+
+def _recreate_rotary(model: nn.Module, device: torch.device) -> None:
+    """Recompute non-persistent buffers (rotary inv_freq) lost by `to_empty`, from the config."""
+    for path, module in model.named_modules():
+        lost = getattr(module, "_non_persistent_buffers_set", set())
+        if not lost:
+            continue
+        if "RotaryEmbedding" not in type(module).__name__ or not hasattr(module, "config"):
+            raise QdoraError(f"{path} ({type(module).__name__}) has non-persistent buffers qdora cannot rebuild")
+        with torch.device(device):
+            fresh = type(module)(config=module.config)
+        for name, buf in fresh.named_buffers(recurse=False):
+            module._buffers[name] = buf.to(device)
+        for attr in ("attention_scaling", "max_seq_len_cached", "original_max_seq_len"):
+            if hasattr(fresh, attr):
+                setattr(module, attr, getattr(fresh, attr))
+
+
+def adapter_init_tensors(layer: QDoRALinear, seed: int) -> dict[str, torch.Tensor]:
+    """Full fp32 initial adapter tensors, as `QDoRALinear.reset_adapter(seed)` makes them, on CPU.
+
+    Computed in full on every rank (A is r×in, tiny) from the same seed, so all ranks agree and the
+    sharded init equals the single-process one.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(layer.in_features)
+    a = torch.empty(layer.lora_A.shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
+    out = {"lora_A": a, "lora_B": torch.zeros(layer.lora_B.shape, dtype=torch.float32)}
+    if layer.magnitude is not None:
+        out["magnitude"] = layer.base.row_norm_sq.detach().float().sqrt().cpu()
+    return out
+
+
+def init_adapters(model: nn.Module, seed: int) -> None:
+    """PEFT-style init of every adapter (A uniform, B zero, m = row norms); layer i uses seed·1000003 + i."""
+    for i, layer in enumerate(adapter_layers(model).values()):
+        for name, full in adapter_init_tensors(layer, seed * 1_000_003 + i).items():
+            fill_param(getattr(layer, name), full)
+
+
+def load_model(
+    model_dir: str | Path,
+    spec: AdapterSpec,
+    device: torch.device | str,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    shard: Callable[[nn.Module], None] | None = None,
+) -> tuple[nn.Module, AdaptReport]:
+    """The adapted, NF4-quantized causal LM, streamed from `model_dir` onto `device`.
+
+    `shard(model)` is called on the meta model (e.g. FSDP2 wrapping); parameters are then DTensors and
+    each rank fills only its rows. Adapter parameters keep `spec.adapter_dtype`; other float tensors are
+    loaded in `compute_dtype`. Raises QdoraError for missing files, unknown/missing tensors, bad shapes.
+    """
+    device = torch.device(device)
+    reader = open_checkpoint(model_dir)
+    model, report = build_meta_model(model_dir, spec, compute_dtype)
+    if shard is not None:
+        shard(model)
+    model.to_empty(device=device)
+    _recreate_rotary(model, device)
+
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    loaded: set[str] = set()
+    unknown: list[str] = []
+    embed_key = None
+    for name, read in iter_checkpoint(reader):
+        owner, _, leaf = name.rpartition(".")
+        module = modules.get(owner)
+        if isinstance(module, (QDoRALinear, NF4Linear)) and leaf == "weight":
+            fill_nf4(module.base, read(), device)
+            loaded.update(f"{owner}.base.{p}" for p in ("packed", "absmax"))
+        elif isinstance(module, (QDoRALinear, NF4Linear)) and leaf == "bias":
+            fill_param(module.bias, read())
+            loaded.add(name)
+        elif name in params:
+            fill_param(params[name], read())
+            loaded.add(name)
+            if isinstance(module, nn.Embedding):
+                embed_key = name
+        elif name in buffers:
+            fill_param(buffers[name], read())
+            loaded.add(name)
+        else:
+            unknown.append(name)
+    if unknown:
+        log.warning("ignored %d checkpoint tensors the model does not have (e.g. %s)", len(unknown), unknown[0])
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear) and "lm_head.weight" not in loaded and embed_key is not None:
+        if head.weight is not params[embed_key]:  # tie lost by to_empty/sharding: copy (the head is frozen)
+            fill_param(head.weight, _full(params[embed_key]))
+        loaded.add("lm_head.weight")
+    adapter_names = {f"{p}.{a}" for p, layer in adapter_layers(model).items()
+                     for a in ("lora_A", "lora_B", "magnitude") if getattr(layer, a) is not None}
+    missing = [n for n in params if n not in loaded and n not in adapter_names]
+    if missing:
+        raise QdoraError(f"{model_dir}: the checkpoint lacks {len(missing)} tensors the model needs, "
+                         f"e.g. {', '.join(missing[:3])}")
+    init_adapters(model, seed)
+    return model, report
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return param.full_tensor() if isinstance(param, DTensor) else param.data

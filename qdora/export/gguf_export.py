@@ -1,0 +1,96 @@
+"""`qdora export`: a merged Hugging Face checkpoint -> one GGUF file for llama.cpp / Ollama.
+
+Every check runs before the output is opened; the file is written under a temporary name in the target
+folder and renamed at the very end, so a failed or interrupted export never leaves a partial GGUF.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import gguf
+
+from qdora.errors import QdoraError
+from qdora.export.gguf_config import ModelSpec, read_spec, write_hparams
+from qdora.export.gguf_tensors import OUTTYPES, TensorPlan, add_tensor_infos, plan_tensors, write_tensor_data
+from qdora.export.gguf_tokenizer import VocabInfo, read_vocab, write_vocab
+from qdora.export.llamacpp_quantize import llama_ftype, quantize_gguf, quantized_path
+from qdora.export.modelfile import chat_format, write_modelfile
+from qdora.io.atomic import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+def export_gguf(
+    model_dir: str | Path,
+    output_path: str | Path,
+    outtype: str = "f16",
+    modelfile: bool = False,
+    quantize: str | Sequence[str] | None = None,
+) -> Path:
+    """Write `output_path` (GGUF, weights in `outtype`: f16, bf16, f32 or q8_0) from a merged model.
+
+    `quantize` (e.g. "Q4_K_M", or several) additionally runs llama.cpp's quantizer on the result,
+    writing `<stem>.<TYPE>.gguf` next to it. `modelfile` writes an Ollama `Modelfile` beside the
+    files. Returns the GGUF a user would run: the first quantized file if any, else `output_path`.
+    """
+    model_dir, output_path, outtype = Path(model_dir), Path(output_path), outtype.lower()
+    if outtype not in OUTTYPES:
+        raise QdoraError(f"unknown outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+    qtypes = [quantize] if isinstance(quantize, str) else list(quantize or [])
+    for qtype in qtypes:
+        llama_ftype(qtype)  # llama-cpp-python present and the name known, before anything is written
+    if not output_path.parent.is_dir():
+        raise QdoraError(f"output folder {output_path.parent} does not exist")
+    spec = read_spec(model_dir)
+    config_ids = _config_special_ids(model_dir)
+    vocab = read_vocab(model_dir, spec.vocab_rows, config_ids)
+    if modelfile:
+        chat_format(vocab)  # fail now, not after the weights are written
+    plans = plan_tensors(spec, outtype)
+
+    _write_atomically(output_path, spec, vocab, plans, outtype)
+    log.info("wrote %s", output_path)
+    final = output_path
+    for i, qtype in enumerate(qtypes):
+        path = quantize_gguf(output_path, quantized_path(output_path, qtype), qtype)
+        log.info("wrote %s", path)
+        if i == 0:
+            final = path
+    if modelfile:
+        log.info("wrote %s", write_modelfile(final, vocab))
+    return final
+
+
+def _config_special_ids(model_dir: Path) -> dict[str, int | None]:
+    """Fallback special ids from config.json (Qwen2's tokenizer has no BOS; its config names one)."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    ids = {}
+    for kind in ("bos", "eos", "pad"):
+        value = cfg.get(f"{kind}_token_id")
+        ids[kind] = value[0] if isinstance(value, list) and value else value
+    return ids
+
+
+def _write_atomically(
+    output_path: Path, spec: ModelSpec, vocab: VocabInfo, plans: list[TensorPlan], outtype: str
+) -> None:
+    """Header, metadata, tensor table, then tensor data streamed one at a time, into a temp file."""
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, spec.arch)
+        try:
+            write_hparams(writer, spec, OUTTYPES[outtype][1])
+            write_vocab(writer, vocab)
+            add_tensor_infos(writer, plans)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            write_tensor_data(writer, plans)
+        finally:
+            writer.close()
+
+    atomic_write(output_path, write)

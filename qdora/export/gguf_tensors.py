@@ -1,0 +1,174 @@
+"""HF safetensors -> GGUF tensors: names, the Q/K layout llama.cpp expects, dtypes, streamed one at a time.
+
+The GGUF header lists every tensor (name, shape, type, offset) before any data, so export is two passes:
+`plan_tensors` reads only safetensors headers to build that list, then `write_tensor_data` loads, converts
+and writes each tensor in turn, a block of rows at a time: memory stays bounded by one block (or one Q/K
+matrix), never the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from safetensors import safe_open
+
+from qdora.errors import QdoraError
+from qdora.export.gguf_config import ModelSpec, llama3_rope_factors
+from qdora.io.weights import WeightReader
+
+Q = gguf.GGMLQuantizationType
+# --outtype -> (type of 2-D weights, general.file_type)
+OUTTYPES: dict[str, tuple[Q, gguf.LlamaFileType]] = {
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+
+# float32 bytes converted at once: bounds export memory whatever the model size.
+CHUNK_BYTES = 64 * 2**20
+
+# HF buffers that are recomputed from the config and must not be written.
+_SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class TensorPlan:
+    """One GGUF tensor: where its data comes from and how it is converted."""
+
+    name: str  # GGUF name, e.g. blk.0.attn_q.weight
+    shape: tuple[int, ...]  # numpy (row-major) order, as in the HF checkpoint
+    qtype: Q
+    source: str | None = None  # HF tensor name; None for tensors made here (rope_freqs)
+    file: Path | None = None
+    permute_heads: int | None = None  # Q/K rows to reorder from rotate-half to interleaved pairs
+    data: np.ndarray | None = None  # for tensors made here
+
+    @property
+    def nbytes(self) -> int:
+        block, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return int(np.prod(self.shape)) // block * type_size
+
+
+def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half row order -> llama.cpp's adjacent-pair order, per head (rows of Q/K, or a bias).
+
+    Within a head HF pairs dimension i with i + d/2; llama.cpp's llama arch pairs 2i with 2i + 1. Rows
+    (r0..r_{d/2-1}, r_{d/2}..r_{d-1}) become (r0, r_{d/2}, r1, r_{d/2+1}, ...).
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of `permute_rotary` (GGUF -> HF), for round-trip checks."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _storage_type(shape: tuple[int, ...], weight_type: Q) -> Q:
+    """1-D tensors (norms, biases) stay F32, as llama.cpp's converter does; Q8_0 needs rows of 32k."""
+    if len(shape) == 1:
+        return Q.F32
+    if weight_type == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] != 0:
+        return Q.F16
+    return weight_type
+
+
+def plan_tensors(spec: ModelSpec, outtype: str) -> list[TensorPlan]:
+    """Map every checkpoint tensor to its GGUF name, type and conversion; add the generated ones."""
+    weight_type = OUTTYPES[outtype][0]
+    arch = gguf.MODEL_ARCH.LLAMA if spec.arch == "llama" else gguf.MODEL_ARCH.QWEN2
+    name_map = gguf.get_tensor_name_map(arch, spec.n_layer)
+    reader = WeightReader(spec.model_dir)
+    files = reader.files
+    shapes = {name: reader.shape(name) for name in files}
+    plans = []
+    for hf_name in sorted(files, key=_natural_key):
+        if hf_name.endswith(_SKIP_SUFFIXES) or (spec.tied_embeddings and hf_name == "lm_head.weight"):
+            continue
+        name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None or name.startswith(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]):
+            raise QdoraError(
+                f"tensor {hf_name!r} has no GGUF counterpart for {spec.arch}: is this a plain merged "
+                f"{spec.model_type} checkpoint (no adapter or quantization tensors left)?"
+            )
+        shape = shapes[hf_name]
+        permute = None
+        if spec.permute_qk and (".attn_q." in name or ".attn_k." in name):
+            permute = spec.n_head if ".attn_q." in name else spec.n_head_kv
+        qtype = _storage_type(shape, weight_type)
+        plans.append(TensorPlan(name, shape, qtype, hf_name, files[hf_name], permute))
+    names = {p.name for p in plans}
+    if "token_embd.weight" not in names:
+        raise QdoraError("the checkpoint has no model.embed_tokens.weight")
+    if not spec.tied_embeddings and "output.weight" not in names:
+        raise QdoraError("the checkpoint has no lm_head.weight and tie_word_embeddings is false")
+    factors = llama3_rope_factors(spec)
+    if factors is not None:
+        rope_freqs = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        data = np.asarray(factors, dtype=np.float32)
+        plans.insert(0, TensorPlan(rope_freqs, data.shape, Q.F32, data=data))
+    return plans
+
+
+def _natural_key(name: str) -> list[object]:
+    """Sort layers numerically (2 before 10) so the file reads in model order."""
+    return [int(part) if part.isdigit() else part for part in name.split(".")]
+
+
+def _encode(data: np.ndarray, qtype: Q) -> np.ndarray:
+    if qtype == Q.F32:
+        return data.astype(np.float32, copy=False)
+    if qtype == Q.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, qtype)  # BF16, Q8_0: gguf's own (round-to-nearest) encoders
+
+
+def add_tensor_infos(writer: gguf.GGUFWriter, plans: list[TensorPlan]) -> None:
+    """Declare every tensor in the header (shape in numpy order; GGUFWriter reverses it)."""
+    for p in plans:
+        writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+
+
+def _row_ranges(p: TensorPlan, chunk_bytes: int) -> list[slice]:
+    """Row blocks of about `chunk_bytes` float32 bytes. Q/K (permuted across rows) and 1-D go whole;
+    every GGUF type here encodes rows independently, so chunked output is byte-identical to whole."""
+    if p.data is not None or p.permute_heads or len(p.shape) < 2:
+        return [slice(None)]
+    step = max(1, chunk_bytes // (4 * int(np.prod(p.shape[1:]))))
+    return [slice(i, min(i + step, p.shape[0])) for i in range(0, p.shape[0], step)]
+
+
+def write_tensor_data(
+    writer: gguf.GGUFWriter, plans: list[TensorPlan], chunk_bytes: int | None = None
+) -> None:
+    """Stream the tensors into the file in the order `add_tensor_infos` declared them, converting a block
+    of rows at a time (a 128k x 8k embedding is 4 GiB in float32; a block is CHUNK_BYTES)."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    assert writer.fout is not None and len(writer.fout) == 1
+    fout = writer.fout[0]
+    for p in plans:
+        writer.write_padding(fout, fout.tell())  # each tensor starts aligned, as GGUFWriter does
+        written = 0
+        # A fresh mapping per tensor: closing it lets the pages already read go, so resident memory
+        # does not grow with the checkpoint.
+        with contextlib.ExitStack() as stack:
+            source = None
+            if p.data is None:
+                assert p.file is not None and p.source is not None
+                source = stack.enter_context(safe_open(p.file, framework="pt")).get_slice(p.source)
+            for rows in _row_ranges(p, chunk_bytes):
+                data = p.data if source is None else source[rows].float().numpy()
+                if p.permute_heads:
+                    data = permute_rotary(data, p.permute_heads)
+                encoded = _encode(data, p.qtype)
+                encoded.tofile(fout)
+                written += encoded.nbytes
+        if written != p.nbytes:
+            raise AssertionError(f"{p.name}: wrote {written} bytes, planned {p.nbytes}")
+        writer.write_padding(fout, written)

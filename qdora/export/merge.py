@@ -1,0 +1,113 @@
+"""`qdora merge`: fold a (Q)DoRA/(Q)LoRA adapter into a full-precision Hugging Face checkpoint, streaming.
+
+Each decoder-block linear W becomes W' = m ⊙ (Ŵ + s·B·A) / ||Ŵ + s·B·A||_row (lora: Ŵ + s·B·A), where
+Ŵ is by default the dequantized NF4 weight training saw; untargeted block linears are written as Ŵ too,
+so the merged model computes what the trained model computed. `base="original"` merges onto the
+checkpoint's full-precision W instead. The base is read one tensor at a time and written in shards, so
+peak memory is about one output shard plus one layer. Output goes to a temporary folder next to the
+destination, renamed at the end: an error leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qdora.errors import QdoraError
+from qdora.export.adapter_merge import BASES, AdapterMerge, edited_config
+from qdora.io.weights import INDEX, SINGLE, WEIGHT_SUFFIXES, ShardedWriter, parse_size
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    merged: int  # weights with an adapter folded in
+    dequantized: int  # untargeted block linears written as their NF4 round trip
+    shards: int
+    total_bytes: int
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name.lower() not in DTYPES:
+        raise QdoraError(f"unknown dtype {name!r}: choose bf16, fp16 or fp32")
+    return DTYPES[name.lower()]
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise QdoraError(f"output {output} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise QdoraError(f"output folder {output} is not empty: pass --overwrite to replace it")
+
+
+def _copy_side_files(base_dir: Path, out: Path, dtype: torch.dtype) -> None:
+    """config.json (edited), generation config, tokenizer, chat template, README...: every top-level
+    file except weights, so the folder loads with plain `from_pretrained`."""
+    for f in base_dir.iterdir():
+        if not f.is_file() or f.name in ("config.json", INDEX, SINGLE) or f.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        shutil.copy2(f, out / f.name)
+    (out / "config.json").write_text(json.dumps(edited_config(base_dir, dtype), indent=2) + "\n")
+
+
+def _publish(tmp: Path, output: Path) -> None:
+    """Move the finished folder into place (replacing an old one only now that the new one is complete)."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+    tmp.rename(output)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def merge_adapter(
+    adapter_dir: str | Path,
+    output: str | Path,
+    base_model: str | Path | None = None,
+    dtype: str = "bf16",
+    base: str = "dequantized",
+    shard_size: str | int = "2GB",
+    overwrite: bool = False,
+) -> MergeResult:
+    """Write the merged model to `output` (see the module docstring); returns what was done."""
+    out_dtype = parse_dtype(dtype)
+    if base not in BASES:
+        raise QdoraError(f"unknown base {base!r}: choose {' or '.join(BASES)}")
+    shard_bytes = parse_size(shard_size)
+    output = Path(output)
+    _check_output(output, overwrite)
+    plan = AdapterMerge.load(adapter_dir, base_model)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        writer = ShardedWriter(tmp, shard_bytes)
+        merged = dequantized = 0
+        for key, tensor in plan.reader.items():
+            if key in plan.linear_keys:
+                w = plan.merged(key, plan.base_weight(key, tensor, base))
+                merged += key in plan.adapters
+                dequantized += key not in plan.adapters and base == "dequantized"
+                tensor = w
+            if tensor.is_floating_point():
+                tensor = tensor.to(out_dtype)
+            writer.add(key, tensor)
+            del tensor
+        shards = writer.close()
+        _copy_side_files(plan.base_dir, tmp, out_dtype)
+        _publish(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return MergeResult(output, merged, dequantized, len(shards), writer.total_bytes)

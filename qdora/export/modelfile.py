@@ -1,0 +1,74 @@
+"""An Ollama Modelfile for an exported GGUF: the chat format as a Go template, and its stop strings.
+
+Ollama does not run the Jinja chat template stored in the GGUF; it renders its own Go `TEMPLATE`. The
+format is recognised from the vocabulary (its special tokens), which is what the model was trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qdora.errors import QdoraError
+from qdora.export.gguf_tokenizer import VocabInfo
+from qdora.io.atomic import atomic_write
+
+# Llama 3: header blocks, every turn closed by <|eot_id|>; the prompt ends with an open assistant header.
+LLAMA3_GO_TEMPLATE = """{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>
+
+{{ .Content }}<|eot_id|>
+{{- end }}<|start_header_id|>assistant<|end_header_id|>
+
+"""
+LLAMA3_STOPS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+# ChatML (Qwen2): <|im_start|>role\ncontent<|im_end|>\n per message.
+CHATML_GO_TEMPLATE = """{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}<|im_start|>assistant
+"""
+CHATML_STOPS = ["<|im_start|>", "<|im_end|>"]
+
+# Llama 2 / Mistral: [INST] user [/INST] answer</s>; a system message opens the next user turn.
+INST_GO_TEMPLATE = """{{- $system := "" }}
+{{- range .Messages }}
+{{- if eq .Role "system" }}{{ $system = .Content }}
+{{- else if eq .Role "user" }}[INST] {{ if $system }}{{ $system }}
+
+{{ $system = "" }}{{ end }}{{ .Content }} [/INST]
+{{- else if eq .Role "assistant" }} {{ .Content }}</s>
+{{- end }}
+{{- end }}"""
+INST_STOPS = ["[INST]", "[/INST]", "</s>"]
+
+
+def chat_format(vocab: VocabInfo) -> str:
+    """`llama3`, `chatml` or `inst`, from the special tokens the vocabulary defines."""
+    tokens = set(vocab.tokens)
+    if "<|start_header_id|>" in tokens and "<|eot_id|>" in tokens:
+        return "llama3"
+    if "<|im_start|>" in tokens and "<|im_end|>" in tokens:
+        return "chatml"
+    if vocab.model == "llama":
+        return "inst"
+    raise QdoraError(
+        "cannot tell the chat format for the Modelfile: the vocabulary has neither Llama 3 headers "
+        "nor ChatML tokens, and it is not a SentencePiece ([INST]) vocabulary"
+    )
+
+
+def modelfile_text(gguf_name: str, vocab: VocabInfo) -> str:
+    """The Modelfile's content for a GGUF file `gguf_name` lying in the same folder."""
+    template, stops = {
+        "llama3": (LLAMA3_GO_TEMPLATE, LLAMA3_STOPS),
+        "chatml": (CHATML_GO_TEMPLATE, CHATML_STOPS),
+        "inst": (INST_GO_TEMPLATE, INST_STOPS),
+    }[chat_format(vocab)]
+    lines = [f"FROM ./{gguf_name}", "", f'TEMPLATE """{template}"""', ""]
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    return "\n".join(lines) + "\n"
+
+
+def write_modelfile(gguf_path: Path, vocab: VocabInfo) -> Path:
+    """Write `Modelfile` next to the GGUF (atomically) and return its path."""
+    path = gguf_path.parent / "Modelfile"
+    return atomic_write(path, lambda tmp: tmp.write_text(modelfile_text(gguf_path.name, vocab), encoding="utf-8"))

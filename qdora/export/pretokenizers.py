@@ -1,0 +1,22 @@
+"""Byte-level BPE split regexes, as tokenizer.json stores them, and the llama.cpp pre-tokenizer each one is.
+
+One definition for both sides: the GGUF exporter maps a tokenizer's regex to llama.cpp's
+`tokenizer.ggml.pre` name, and the tiny test tokenizers are built with the same regexes, so a test
+tokenizer exports exactly as the real family's would. No dependencies: importable without gguf.
+"""
+
+from __future__ import annotations
+
+LLAMA3_REGEX = (  # Meta-Llama-3 / 3.1 / 3.2 / 3.3
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (  # Qwen2 / Qwen2.5: one digit per piece
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# regex -> llama.cpp's name for the pre-tokenizer that splits with it
+BPE_PRE_TOKENIZERS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+# llama.cpp ties BPE's `ignore_merges` (a pre-token found whole in the vocabulary stays whole) to the name.
+LLAMACPP_IGNORES_MERGES = {"llama-bpe": True, "qwen2": False}

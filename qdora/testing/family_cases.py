@@ -1,0 +1,49 @@
+"""Tiny models of each exported family, shared by the export tests (built locally, nothing downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qdora.testing.tiny_models import build_tiny_model
+
+# Llama 3.1-style rope scaling shrunk to the tiny model: with head_dim 16 and theta 1e4 the 8 wavelengths
+# (6.3 .. 3.2e4) fall in all three bands (kept, interpolated, slowed by 8) of a 64-token original context.
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+# std 0.2 instead of 0.02: peaked logits, so greedy decoding is decided by clear margins, not noise.
+CASES: dict[str, dict] = {
+    "llama": dict(family="llama", tokenizer="llama3"),
+    "llama_tied_rope": dict(family="llama", tokenizer="llama3", tie_word_embeddings=True,
+                            rope_scaling=LLAMA3_ROPE),
+    "mistral_spm": dict(family="mistral", tokenizer="sentencepiece"),
+    "qwen2": dict(family="qwen2", tokenizer="qwen2", tie_word_embeddings=True),
+}
+
+
+def build_case(name: str, root: Path, **overrides) -> Path:
+    """Build one case under `root/name`; Qwen2 gets random q/k/v biases (HF initialises them to zero)."""
+    kwargs = {**CASES[name], "initializer_range": 0.2, **overrides}
+    out = build_tiny_model(root / name, seed=1, **kwargs)
+    if kwargs["family"] == "qwen2":
+        randomize_biases(out)
+    return out
+
+
+def randomize_biases(model_dir: Path, std: float = 0.5) -> None:
+    """Give every bias random values so that a mishandled bias shows up in the logits."""
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    gen = torch.Generator().manual_seed(0)
+    for name, t in tensors.items():
+        if name.endswith(".bias"):
+            tensors[name] = torch.randn(t.shape, generator=gen, dtype=t.dtype) * std
+    save_file(tensors, path, metadata={"format": "pt"})

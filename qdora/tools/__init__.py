@@ -1,0 +1,1 @@
+"""Around training: the memory planner (`qdora plan`) and the weight-decomposition analysis (`qdora analyze`)."""

@@ -1,0 +1,129 @@
+"""Chunked causal-LM cross-entropy from hidden states and the lm_head weight.
+
+The full logits of one 2048-token sequence against a 128k vocabulary take 1 GB in fp32 (DESIGN.md §4).
+This loss never builds them: it walks the non-ignored tokens in chunks of `chunk_size`, computes each
+chunk's logits in the compute dtype, takes an fp32 log-softmax, and keeps only one fp32 log-sum-exp per
+token. The backward recomputes each chunk's logits, so the extra peak memory is O(chunk_size × vocab)
+(plus the fp32 lm_head gradient accumulator, only when the weight requires grad).
+
+The logits matmul runs in the lm_head weight's dtype (hidden states are cast to it; autocast is switched
+off inside so forward and backward agree); softmax, log-sum-exp and the loss are fp32.
+
+Labels are shifted inside: hidden state t predicts labels[t + 1], as transformers' causal LMs do.
+Tokens labelled `ignore_index` are dropped before any logits are computed, so prompt tokens under
+completion-only masking cost nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qdora.data.formats import IGNORE_INDEX
+
+
+def _shifted_targets(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Targets aligned with hidden states: position t is trained to predict labels[t + 1]."""
+    pad = torch.full_like(labels[..., :1], ignore_index)
+    return torch.cat([labels[..., 1:], pad], dim=-1).reshape(-1)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Sum of token cross-entropies over selected rows of `hidden`, logits recomputed per chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _ChunkedCrossEntropy._forward(ctx, hidden, weight, targets, chunk_size)
+
+    @staticmethod
+    def _forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        n = hidden.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            logits = (hidden[start:stop] @ weight.t()).float()
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, targets[start:stop, None]).squeeze(1)
+            lse[start:stop] = chunk_lse
+            total += (chunk_lse - target_logit).sum()
+            del logits
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_size = chunk_size
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        with torch.autocast(grad_total.device.type, enabled=False):
+            return _ChunkedCrossEntropy._backward(ctx, grad_total)
+
+    @staticmethod
+    def _backward(ctx, grad_total: torch.Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        chunk_size = ctx.chunk_size
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        g = grad_total.float()
+        for start in range(0, hidden.shape[0], chunk_size):
+            stop = min(start + chunk_size, hidden.shape[0])
+            h = hidden[start:stop]
+            # d(lse - logit_target)/d logits = softmax - onehot(target)
+            probs = torch.exp((h @ weight.t()).float() - lse[start:stop, None])
+            probs[torch.arange(stop - start, device=probs.device), targets[start:stop]] -= 1.0
+            dlogits = (probs * g).to(hidden.dtype)
+            del probs
+            if need_h:
+                grad_h[start:stop] = dlogits @ weight
+            if need_w:
+                grad_w.addmm_(dlogits.t().float(), h.float())
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal-LM cross-entropy, returned as `(loss_sum, token_count)`.
+
+    hidden: `[..., seq, hidden]` final hidden states (after the final norm);
+    weight: lm_head `[vocab, hidden]`;
+    labels: `[..., seq]` unshifted labels (shifted here), `ignore_index` where no loss is wanted.
+    `loss_sum` is an fp32 scalar (differentiable w.r.t. hidden and weight); `token_count` an int64 scalar.
+    Divide the sum over micro batches and ranks by the summed count for a token-weighted mean.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not match")
+    targets = _shifted_targets(labels, ignore_index)
+    keep = (targets != ignore_index).nonzero().squeeze(1)
+    count = keep.numel()
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if count == 0:
+        # Keep the graph connected so every rank runs the same backward, with zero gradients
+        # (sums of empty slices: exactly 0 even if the hidden states hold inf/nan).
+        zero = (flat[:0].sum() + weight[:0].sum()).float()
+        return zero, torch.zeros((), dtype=torch.int64, device=hidden.device)
+    selected = flat.index_select(0, keep) if count < flat.shape[0] else flat
+    if selected.dtype != weight.dtype:  # the lm_head's dtype is the compute dtype (autocast is off inside)
+        selected = selected.to(weight.dtype)
+    total = _ChunkedCrossEntropy.apply(selected, weight, targets.index_select(0, keep), chunk_size)
+    return total, torch.tensor(count, dtype=torch.int64, device=hidden.device)
+
+
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Mean over non-ignored tokens (0 when there are none): the single-process convenience form."""
+    total, count = chunked_cross_entropy(hidden, weight, labels, chunk_size, ignore_index)
+    return total / count.clamp(min=1).to(total.device)
