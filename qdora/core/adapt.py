@@ -13,11 +13,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from qdora.core.experts import ExpertsAdapter, NF4Experts
 from qdora.core.layer import NF4Linear, QDoRALinear
+from qdora.core.moe_families import EXPERT_PARAMS, MoEFamily, family_of
 from qdora.core.nf4 import NF4Weight
 from qdora.errors import QdoraError
 
 ALL_LINEAR = "all-linear"
+EXPERTS = "experts"  # target name for both fused expert parameters (gate_up_proj and down_proj)
 
 
 @dataclass
@@ -90,26 +93,78 @@ def _block_prefix(model: nn.Module) -> str:
 
 
 def linear_names_in_blocks(model: nn.Module) -> list[str]:
-    """Paths of every linear (plain or already adapted) inside the decoder blocks."""
+    """Paths of every linear (plain or already adapted) inside the decoder blocks, except the MoE gates a
+    family keeps in full precision (Qwen2-MoE's shared_expert_gate)."""
     prefix = _block_prefix(model) + "."
+    family = family_of(model)
+    keep = family.keep_linears if family is not None else ()
     return [n for n, m in model.named_modules()
-            if n.startswith(prefix) and isinstance(m, (nn.Linear, QDoRALinear, NF4Linear))]
+            if n.startswith(prefix) and isinstance(m, (nn.Linear, QDoRALinear, NF4Linear))
+            and n.rsplit(".", 1)[-1] not in keep]
+
+
+def experts_in_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """Paths of the fused experts modules (transformers' or already `NF4Experts`) of an MoE model."""
+    family = family_of(model)
+    if family is None:
+        return {}
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, NF4Experts) or type(m).__name__ == family.experts_class}
+
+
+def expert_param_paths(model: nn.Module) -> list[str]:
+    """`<experts path>.gate_up_proj` and `.down_proj` for every experts module: what `--target` can name."""
+    return [f"{path}.{param}" for path in experts_in_blocks(model) for param in EXPERT_PARAMS]
+
+
+def _split_target(target: str | list[str]) -> str | list[str]:
+    """A comma-separated string, or the single name `experts[.<param>]`, is a list of names; any other
+    string is a regex (PEFT's semantics)."""
+    if isinstance(target, str) and target != ALL_LINEAR and "," in target:
+        return [t.strip() for t in target.split(",") if t.strip()]
+    if isinstance(target, str) and (target == EXPERTS or target in {f"{EXPERTS}.{p}" for p in EXPERT_PARAMS}):
+        return [target]
+    return target
+
+
+def _expert_targeted(target: str | list[str], path: str) -> bool:
+    """Whether `<...>.experts.<param>` is targeted: by `experts`, `experts.<param>`, or a path regex."""
+    if target == ALL_LINEAR:
+        return False
+    if isinstance(target, str):
+        return re.fullmatch(target, path) is not None
+    wanted = set(target)
+    return EXPERTS in wanted or ".".join(path.rsplit(".", 2)[-2:]) in wanted
+
+
+def targeted_expert_params(target: str | list[str], experts_path: str) -> list[str]:
+    """The fused parameters of the experts module at `experts_path` that `target` adapts."""
+    target = _split_target(target)
+    return [p for p in EXPERT_PARAMS if _expert_targeted(target, f"{experts_path}.{p}")]
 
 
 def find_targets(model: nn.Module, target: str | list[str]) -> list[str]:
-    """Module paths to adapt: `all-linear`, a list of leaf names (q_proj, ...), or a regex on paths."""
-    candidates = linear_names_in_blocks(model)
-    if isinstance(target, str) and target != ALL_LINEAR and "," in target:
-        target = [t.strip() for t in target.split(",") if t.strip()]
+    """Module paths to adapt: `all-linear`, a list of names, or a regex on paths.
+
+    Names are linear leaf names (q_proj, ...), `all-linear` (every linear) and, for MoE models, `experts`
+    (both fused expert parameters) or `experts.gate_up_proj` / `experts.down_proj`. Experts are adapted
+    only when named: `all-linear` alone keeps them frozen.
+    """
+    linears = linear_names_in_blocks(model)
+    experts = expert_param_paths(model)
+    target = _split_target(target)
     if target == ALL_LINEAR:
-        chosen = candidates
+        chosen = linears
     elif isinstance(target, str):  # PEFT semantics: a string is a regex matched on the full path
-        chosen = [n for n in candidates if re.fullmatch(target, n)]
+        chosen = [n for n in linears if re.fullmatch(target, n)]
     else:
         wanted = set(target)
-        chosen = [n for n in candidates if n.rsplit(".", 1)[-1] in wanted]
+        chosen = linears if ALL_LINEAR in wanted else [n for n in linears if n.rsplit(".", 1)[-1] in wanted]
+    chosen = chosen + [n for n in experts if _expert_targeted(target, n)]
     if not chosen:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        if experts:
+            leaves += [EXPERTS, *(f"{EXPERTS}.{p}" for p in EXPERT_PARAMS)]
         raise QdoraError(
             f"no module of {type(model).__name__} matches target {target!r}; the linear modules in its "
             f"decoder blocks are: {', '.join(leaves) if leaves else 'none'}"
@@ -138,6 +193,23 @@ def make_frozen(linear: nn.Linear, spec: AdapterSpec, storage_dtype: torch.dtype
     return NF4Linear.from_linear(linear, spec.double_quant, storage_dtype)
 
 
+def make_experts(module: nn.Module, family: MoEFamily, spec: AdapterSpec, targets: set[str], path: str,
+                 storage_dtype: torch.dtype | None = None) -> NF4Experts:
+    """NF4 experts for transformers' fused experts module, with adapters on the targeted fused parameters."""
+    new = NF4Experts.from_experts(module, family, spec.double_quant, storage_dtype)
+    device = module.gate_up_proj.device
+    for param in EXPERT_PARAMS:
+        if f"{path}.{param}" in targets:
+            adapter = new.add_adapter(param, int(spec.r), float(spec.alpha), spec.method, spec.rslora,
+                                      spec.torch_adapter_dtype, device)
+            if device.type != "meta":
+                init = adapter.init_tensors(0, new.row_norm_sq(param) if spec.method == "dora" else None)
+                with torch.no_grad():
+                    for name, t in init.items():
+                        getattr(adapter, name).copy_(t)
+    return new
+
+
 def adapt_model(
     model: nn.Module, spec: AdapterSpec, storage_dtype: torch.dtype | None = None
 ) -> AdaptReport:
@@ -145,6 +217,12 @@ def adapt_model(
     and freeze everything else. Untargeted linears become frozen `NF4Linear`s, as in QLoRA."""
     report = AdaptReport()
     targets = set(find_targets(model, spec.target))
+    family = family_of(model)
+    for path, module in experts_in_blocks(model).items():
+        if isinstance(module, NF4Experts):
+            raise QdoraError(f"{path} is already quantized/adapted")
+        set_submodule(model, path, make_experts(module, family, spec, targets, path, storage_dtype))
+        report.adapted += [f"{path}.{p}" for p in EXPERT_PARAMS if f"{path}.{p}" in targets]
     for path in linear_names_in_blocks(model):
         module = model.get_submodule(path)
         if not isinstance(module, nn.Linear):
@@ -170,9 +248,11 @@ def freeze_base(model: nn.Module) -> None:
             p.requires_grad_(True)
 
 
-def adapter_layers(model: nn.Module) -> dict[str, QDoRALinear]:
-    """Every QDoRA layer of the model by module path."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, QDoRALinear)}
+def adapter_layers(model: nn.Module) -> dict[str, QDoRALinear | ExpertsAdapter]:
+    """Every adapter of the model by module path: QDoRA linears and expert adapters (`...experts.gate_up_proj`).
+
+    Both have `lora_A`, `lora_B`, `magnitude` (or None) and `adapter_parameters()`."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QDoRALinear, ExpertsAdapter))}
 
 
 def count_parameters(model: nn.Module) -> int:

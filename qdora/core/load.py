@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from qdora.core.adapt import AdapterSpec, AdaptReport, adapt_model, adapter_layers
+from qdora.core.experts import ExpertsAdapter
 from qdora.core.layer import NF4Linear, QDoRALinear
+from qdora.core.moe_families import family_of
 from qdora.core.nf4 import NF4Weight, nf4_from_weight
 from qdora.errors import QdoraError
 from qdora.io.weights import WeightReader
@@ -163,8 +165,15 @@ def adapter_init_tensors(layer: QDoRALinear, seed: int) -> dict[str, torch.Tenso
 
 def init_adapters(model: nn.Module, seed: int) -> None:
     """PEFT-style init of every adapter (A uniform, B zero, m = row norms); layer i uses seed·1000003 + i."""
-    for i, layer in enumerate(adapter_layers(model).values()):
-        for name, full in adapter_init_tensors(layer, seed * 1_000_003 + i).items():
+    for i, (path, layer) in enumerate(adapter_layers(model).items()):
+        layer_seed = seed * 1_000_003 + i
+        if isinstance(layer, ExpertsAdapter):  # m_e = row norms of the parent's dequantized experts
+            parent_path, _, param = path.rpartition(".")
+            norms = model.get_submodule(parent_path).row_norm_sq(param) if layer.magnitude is not None else None
+            init = layer.init_tensors(layer_seed, norms)
+        else:
+            init = adapter_init_tensors(layer, layer_seed)
+        for name, full in init.items():
             fill_param(getattr(layer, name), full)
 
 
@@ -196,10 +205,15 @@ def load_model(
     loaded: set[str] = set()
     unknown: list[str] = []
     embed_key = None
-    for name, read in iter_checkpoint(reader):
+    family = family_of(model)
+    for ckpt_name, read in iter_checkpoint(reader):
+        name = family.to_model(ckpt_name) if family is not None else ckpt_name
         owner, _, leaf = name.rpartition(".")
         module = modules.get(owner)
-        if isinstance(module, (QDoRALinear, NF4Linear)) and leaf == "weight":
+        if isinstance(module, NF4Weight) and leaf == "weight":  # one expert's projection (NF4Experts)
+            fill_nf4(module, read(), device)
+            loaded.update(f"{owner}.{p}" for p in ("packed", "absmax"))
+        elif isinstance(module, (QDoRALinear, NF4Linear)) and leaf == "weight":
             fill_nf4(module.base, read(), device)
             loaded.update(f"{owner}.base.{p}" for p in ("packed", "absmax"))
         elif isinstance(module, (QDoRALinear, NF4Linear)) and leaf == "bias":
@@ -214,7 +228,7 @@ def load_model(
             fill_param(buffers[name], read())
             loaded.add(name)
         else:
-            unknown.append(name)
+            unknown.append(ckpt_name)
     if unknown:
         log.warning("ignored %d checkpoint tensors the model does not have (e.g. %s)", len(unknown), unknown[0])
     head = getattr(model, "lm_head", None)

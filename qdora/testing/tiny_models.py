@@ -14,8 +14,11 @@ from qdora.testing.tiny_tokenizers import build_tokenizer
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 448, **overrides):
-    """A transformers config for a tiny model of the given family (llama, mistral, qwen2)."""
+    """A transformers config for a tiny model of the given family (llama, mistral, qwen2, or an MoE
+    family of `tiny_moe`: qwen3_moe, mixtral, qwen2_moe)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from qdora.testing.tiny_moe import MOE_FAMILIES, tiny_moe_config
 
     common = dict(
         vocab_size=vocab_size,
@@ -32,13 +35,15 @@ def tiny_config(family: str = "llama", vocab_size: int = 448, **overrides):
         pad_token_id=1,
     )
     common.update(overrides)
+    if family in MOE_FAMILIES:
+        return tiny_moe_config(family, common)
     if family == "llama":
         return LlamaConfig(**common)
     if family == "mistral":
         return MistralConfig(sliding_window=None, **common)
     if family == "qwen2":
         return Qwen2Config(**common)
-    raise ValueError(f"unknown tiny family {family!r}: choose llama, mistral or qwen2")
+    raise ValueError(f"unknown tiny family {family!r}: choose llama, mistral, qwen2 or {', '.join(MOE_FAMILIES)}")
 
 
 def build_tiny_model(

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from qdora.core.adapt import AdapterSpec, adapter_layers
-from qdora.core.adapter_io import load_adapter_tensors, peft_key, save_adapter
+from qdora.core.adapter_io import load_adapter_tensors, peft_state_from_params, save_adapter
 from qdora.core.load import build_meta_model, fill_param, load_model, open_checkpoint
 from qdora.errors import QdoraError
 from qdora.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
@@ -51,6 +51,7 @@ from qdora.train.distributed import (
 )
 from qdora.train.loss import IGNORE_INDEX, chunked_cross_entropy
 from qdora.train.metrics import Metrics, check_tensorboard, peak_memory_gb
+from qdora.train.router_loss import router_loss_of
 
 log = logging.getLogger("qdora.train.loop")
 class CausalLMLoss(nn.Module):
@@ -63,10 +64,16 @@ class CausalLMLoss(nn.Module):
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
+        self.router_loss = router_loss_of(lm)  # MoE: transformers' load-balancing term, its coefficient
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.lm.model(input_ids=input_ids, use_cache=False, **kw).last_hidden_state
-        return chunked_cross_entropy(hidden, self.lm.lm_head.weight, labels)
+        if self.router_loss is None:
+            hidden = self.lm.model(input_ids=input_ids, use_cache=False, **kw).last_hidden_state
+            return chunked_cross_entropy(hidden, self.lm.lm_head.weight, labels)
+        out = self.lm.model(input_ids=input_ids, use_cache=False, output_router_logits=True, **kw)
+        loss_sum, count = chunked_cross_entropy(out.last_hidden_state, self.lm.lm_head.weight, labels)
+        aux = self.router_loss(out.router_logits, kw.get("attention_mask"))
+        return loss_sum + aux.to(loss_sum.dtype) * count.to(loss_sum.dtype), count
 
 
 @dataclass
@@ -166,11 +173,7 @@ def _schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: i
 
 def _peft_state(trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Trainable parameter names (`model.layers.0.self_attn.q_proj.lora_A`) → PEFT adapter keys."""
-    out = {}
-    for name, t in trainable.items():
-        path, _, attr = name.rpartition(".")
-        out[peft_key(path, attr)] = t.contiguous()
-    return out
+    return peft_state_from_params(trainable)
 
 
 def _load_adapter_into(lm: nn.Module, adapter_dir: Path) -> None:
