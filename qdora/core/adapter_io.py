@@ -79,13 +79,24 @@ def _module_path(key: str) -> str:
 
 
 def peft_config_dict(spec: AdapterSpec, target_names: list[str], base_model: str | None,
-                     expert_params: list[str] | None = None) -> dict:
-    """The adapter_config.json PEFT expects (only fields we set; PEFT fills its defaults)."""
+                     provenance: dict | None = None, expert_params: list[str] | None = None) -> dict:
+    """The adapter_config.json PEFT expects (only fields we set; PEFT fills its defaults).
+
+    `provenance` ({"model": {"name", "revision"}, "data": ...}) is what the run was trained on: the base
+    model's Hub commit goes into PEFT's own `revision` field (PeftModel.from_pretrained then loads that
+    commit of the base), the whole record into qdora's metadata. `expert_params` are PEFT's
+    `target_parameters` (fused MoE expert weights).
+    """
+    own = {"method": spec.method, "double_quant": spec.double_quant, "quant_type": "nf4",
+           "blocksize": BLOCKSIZE, "adapter_dtype": spec.adapter_dtype}
+    if provenance:
+        own["provenance"] = provenance
     extra = {"target_parameters": expert_params} if expert_params else {}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
+        "revision": ((provenance or {}).get("model") or {}).get("revision"),
         "r": int(spec.r),
         "lora_alpha": spec.alpha,
         "lora_dropout": float(spec.dropout),
@@ -98,17 +109,17 @@ def peft_config_dict(spec: AdapterSpec, target_names: list[str], base_model: str
         "init_lora_weights": True,
         "modules_to_save": None,
         "inference_mode": True,
-        # qdora's own record of how the base was quantized, ignored by PEFT
-        "qdora": {"method": spec.method, "double_quant": spec.double_quant, "quant_type": "nf4",
-                  "blocksize": BLOCKSIZE, "adapter_dtype": spec.adapter_dtype},
+        # qdora's own record of how the base was quantized and what the run read, ignored by PEFT
+        "qdora": own,
     }
 
 
 def save_adapter(
     model: nn.Module, out_dir: str | Path, spec: AdapterSpec, base_model: str | None = None,
-    state: dict[str, torch.Tensor] | None = None,
+    state: dict[str, torch.Tensor] | None = None, provenance: dict | None = None,
 ) -> Path:
-    """Write the adapter in PEFT format; `state` overrides the tensors (e.g. gathered from FSDP)."""
+    """Write the adapter in PEFT format; `state` overrides the tensors (e.g. gathered from FSDP);
+    `provenance` records the model/data revisions (see `peft_config_dict`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model) if state is None else state
@@ -117,7 +128,7 @@ def save_adapter(
     experts = {m.group("experts") for k in state if (m := EXPERT_KEY.match(k[len(PREFIX):]))}
     targets = sorted({_module_path(k).rsplit(".", 1)[-1] for k in state if not EXPERT_KEY.match(k[len(PREFIX):])})
     expert_paths = [f"{e}.{p}" for e in experts for p in targeted_expert_params(spec.target, e)]
-    config = peft_config_dict(spec, targets, base_model, target_parameters(expert_paths))
+    config = peft_config_dict(spec, targets, base_model, provenance, target_parameters(expert_paths))
     atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return out
