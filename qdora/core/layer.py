@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from qdora.core.nf4 import NF4Spec, NF4Weight, dequantize_nf4
+from qdora.options import METHOD
 
 Method = Literal["dora", "lora"]
 
@@ -224,8 +225,7 @@ class QDoRALinear(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        if method not in ("dora", "lora"):
-            raise ValueError(f"method must be 'dora' or 'lora', not {method!r}")
+        METHOD.check(method)
         if r < 1:
             raise ValueError(f"rank must be >= 1, not {r}")
         self.in_features, self.out_features = in_features, out_features

@@ -19,11 +19,9 @@ from pathlib import Path
 import torch
 
 from qdora.errors import QdoraError
-from qdora.export.adapter_merge import BASES, AdapterMerge, edited_config
+from qdora.export.adapter_merge import AdapterMerge, edited_config
 from qdora.io.weights import INDEX, SINGLE, WEIGHT_SUFFIXES, ShardedWriter, parse_size
-
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+from qdora.options import BASE, torch_dtype
 
 
 @dataclass
@@ -33,12 +31,6 @@ class MergeResult:
     dequantized: int  # untargeted block linears written as their NF4 round trip
     shards: int
     total_bytes: int
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name.lower() not in DTYPES:
-        raise QdoraError(f"unknown dtype {name!r}: choose bf16, fp16 or fp32")
-    return DTYPES[name.lower()]
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
@@ -79,9 +71,8 @@ def merge_adapter(
     overwrite: bool = False,
 ) -> MergeResult:
     """Write the merged model to `output` (see the module docstring); returns what was done."""
-    out_dtype = parse_dtype(dtype)
-    if base not in BASES:
-        raise QdoraError(f"unknown base {base!r}: choose {' or '.join(BASES)}")
+    out_dtype = torch_dtype(dtype)
+    BASE.check(base)
     shard_bytes = parse_size(shard_size)
     output = Path(output)
     _check_output(output, overwrite)
