@@ -1,6 +1,6 @@
 """`qdora plan`: how much GPU memory one rank needs for a QDoRA run, and what makes it fit.
 
-The model is counted term by term (DESIGN.md §4), per GPU, for N ranks sharding with FSDP2:
+The model is counted term by term (docs/design.md, "The 70B memory budget"), per GPU, for N ranks sharding with FSDP2:
 
 - base: each decoder linear as NF4 — packed bytes (½ B/weight) + double-quantized absmax (1 B per 64
   weights), sharded over N — plus the replicated second-level statistics (fp32 per 256 blocks, 256-entry
