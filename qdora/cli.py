@@ -19,8 +19,9 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model", required=True, help="model folder (config.json), a config.json file, or a preset "
-              "(llama-3-70b, llama-3-8b, llama-3.2-1b)")
+@click.option("--model", required=True, help="model folder (config.json), a config.json file, a preset "
+              "(llama-3-70b, llama-3-8b, llama-3.2-1b), or a Hub id org/name (fetches config.json only)")
+@click.option("--revision", default=None, help="Hub branch, tag or commit of --model [default: main]")
 @click.option("--gpus", type=int, default=1, show_default=True, help="ranks sharing the model with FSDP2")
 @click.option("--gpu-mem", type=float, default=24.0, show_default=True, help="memory per GPU in GiB")
 @click.option("--seq-len", type=int, default=2048, show_default=True)
@@ -32,7 +33,7 @@ def main() -> None:
               help="all-linear, names (q_proj,v_proj), or a regex on module paths (as qdora train)")
 @click.option("--loss", default="chunked", show_default=True, metavar=LOSS.metavar)
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
-def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, as_json) -> None:
+def plan(model, revision, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, as_json) -> None:
     """Per-GPU memory of a QDoRA run, whether it fits, and the cheapest settings that make it fit.
 
     Exit status 0 when it fits, 1 when it does not (the report then names the settings that would fit).
@@ -41,7 +42,7 @@ def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, targ
 
     from qdora.tools.plan import load_config, plan_memory
 
-    result = plan_memory(load_config(model), gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
+    result = plan_memory(load_config(model, revision), gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
                          micro_batch=micro_batch, method=method, offload=offload, target=target, loss=loss)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.report())
     if not result.fits:
@@ -108,7 +109,9 @@ def _is_main_rank() -> bool:
 @click.option("--output", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Folder to write the merged Hugging Face model to.")
 @click.option("--base-model", default=None, type=click.Path(path_type=str),
-              help="Full-precision base model folder [default: the adapter's base_model_name_or_path].")
+              help="Full-precision base model: a folder or a Hub id org/name [default: the adapter's "
+                   "base_model_name_or_path, at the revision it was trained on].")
+@click.option("--revision", default=None, help="Hub branch, tag or commit of --base-model [default: main].")
 @click.option("--dtype", default="bf16", show_default=True, metavar=DTYPE.metavar, help="Output weight dtype.")
 @click.option("--base", "base_kind", default="dequantized", show_default=True, metavar=BASE.metavar,
               help="dequantized: merge onto the NF4 round trip of the base, the weights training saw (untargeted "
@@ -117,13 +120,13 @@ def _is_main_rank() -> bool:
                    "it is not the function that was trained (the magnitude was learned against the NF4 norms).")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard (e.g. 500MB, 5GB).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUTPUT folder.")
-def merge(adapter_dir: str, output: str, base_model: str | None, dtype: str, base_kind: str, shard_size: str,
-          overwrite: bool) -> None:
+def merge(adapter_dir: str, output: str, base_model: str | None, revision: str | None, dtype: str, base_kind: str,
+          shard_size: str, overwrite: bool) -> None:
     """Merge an adapter into its base: a full-precision checkpoint that loads with plain transformers."""
     from qdora.export.merge import merge_adapter
 
     res = merge_adapter(adapter_dir, output, base_model=base_model, dtype=dtype, base=base_kind,
-                        shard_size=shard_size, overwrite=overwrite)
+                        shard_size=shard_size, overwrite=overwrite, revision=revision)
     click.echo(f"merged {res.merged} adapted weights, dequantized {res.dequantized} frozen NF4 weights; "
                f"{res.total_bytes / 1e9:.2f} GB in {res.shards} shard(s) -> {res.output}")
 
