@@ -7,7 +7,6 @@ an empty layer on meta (the streaming loader fills it); a real one is quantized 
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -18,9 +17,7 @@ from qdora.core.layer import NF4Linear, QDoRALinear
 from qdora.core.moe_families import EXPERT_PARAMS, MoEFamily, family_of
 from qdora.core.nf4 import NF4Weight
 from qdora.errors import QdoraError
-
-ALL_LINEAR = "all-linear"
-EXPERTS = "experts"  # target name for both fused expert parameters (gate_up_proj and down_proj)
+from qdora.options import ADAPTER_DTYPE, ALL_LINEAR, METHOD, parse_target, select_targets, torch_dtype
 
 
 @dataclass
@@ -37,18 +34,17 @@ class AdapterSpec:
     adapter_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
-        if self.method not in ("dora", "lora"):
-            raise QdoraError(f"unknown method {self.method!r}: choose 'dora' or 'lora'")
+        METHOD.check(self.method)
+        parse_target(self.target)
         if int(self.r) < 1:
             raise QdoraError(f"rank must be a positive integer, not {self.r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise QdoraError(f"dropout must be in [0, 1), not {self.dropout}")
-        if self.adapter_dtype not in ("bfloat16", "float32", "float16"):
-            raise QdoraError(f"adapter dtype must be bfloat16, float16 or float32, not {self.adapter_dtype!r}")
+        ADAPTER_DTYPE.check(self.adapter_dtype)
 
     @property
     def torch_adapter_dtype(self) -> torch.dtype:
-        return getattr(torch, self.adapter_dtype)
+        return torch_dtype(self.adapter_dtype)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,59 +113,15 @@ def expert_param_paths(model: nn.Module) -> list[str]:
     return [f"{path}.{param}" for path in experts_in_blocks(model) for param in EXPERT_PARAMS]
 
 
-def _split_target(target: str | list[str]) -> str | list[str]:
-    """A comma-separated string, or the single name `experts[.<param>]`, is a list of names; any other
-    string is a regex (PEFT's semantics)."""
-    if isinstance(target, str) and target != ALL_LINEAR and "," in target:
-        return [t.strip() for t in target.split(",") if t.strip()]
-    if isinstance(target, str) and (target == EXPERTS or target in {f"{EXPERTS}.{p}" for p in EXPERT_PARAMS}):
-        return [target]
-    return target
-
-
-def _expert_targeted(target: str | list[str], path: str) -> bool:
-    """Whether `<...>.experts.<param>` is targeted: by `experts`, `experts.<param>`, or a path regex."""
-    if target == ALL_LINEAR:
-        return False
-    if isinstance(target, str):
-        return re.fullmatch(target, path) is not None
-    wanted = set(target)
-    return EXPERTS in wanted or ".".join(path.rsplit(".", 2)[-2:]) in wanted
-
-
 def targeted_expert_params(target: str | list[str], experts_path: str) -> list[str]:
     """The fused parameters of the experts module at `experts_path` that `target` adapts."""
-    target = _split_target(target)
-    return [p for p in EXPERT_PARAMS if _expert_targeted(target, f"{experts_path}.{p}")]
+    return [p.rsplit(".", 1)[-1] for p in parse_target(target).select([f"{experts_path}.{q}" for q in EXPERT_PARAMS])]
 
 
 def find_targets(model: nn.Module, target: str | list[str]) -> list[str]:
-    """Module paths to adapt: `all-linear`, a list of names, or a regex on paths.
-
-    Names are linear leaf names (q_proj, ...), `all-linear` (every linear) and, for MoE models, `experts`
-    (both fused expert parameters) or `experts.gate_up_proj` / `experts.down_proj`. Experts are adapted
-    only when named: `all-linear` alone keeps them frozen.
-    """
-    linears = linear_names_in_blocks(model)
-    experts = expert_param_paths(model)
-    target = _split_target(target)
-    if target == ALL_LINEAR:
-        chosen = linears
-    elif isinstance(target, str):  # PEFT semantics: a string is a regex matched on the full path
-        chosen = [n for n in linears if re.fullmatch(target, n)]
-    else:
-        wanted = set(target)
-        chosen = linears if ALL_LINEAR in wanted else [n for n in linears if n.rsplit(".", 1)[-1] in wanted]
-    chosen = chosen + [n for n in experts if _expert_targeted(target, n)]
-    if not chosen:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        if experts:
-            leaves += [EXPERTS, *(f"{EXPERTS}.{p}" for p in EXPERT_PARAMS)]
-        raise QdoraError(
-            f"no module of {type(model).__name__} matches target {target!r}; the linear modules in its "
-            f"decoder blocks are: {', '.join(leaves) if leaves else 'none'}"
-        )
-    return chosen
+    """Module paths to adapt, in the target grammar of `qdora.options.parse_target`: linears, and for MoE
+    models the fused expert parameters when `experts` / `experts.<param>` (or a regex) names them."""
+    return select_targets(target, linear_names_in_blocks(model) + expert_param_paths(model), type(model).__name__)
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
