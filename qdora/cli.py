@@ -29,8 +29,14 @@ def main() -> None:
               show_default=True)
 @click.option("--target", default="all-linear", show_default=True, help="all-linear or q_proj,v_proj,...")
 @click.option("--loss", type=click.Choice(["chunked", "full"]), default="chunked", show_default=True)
+@click.option("--lm-head", type=click.Choice(["dense", "nf4"]), default="dense", show_default=True)
+@click.option("--embeddings", type=click.Choice(["host", "device"]), default="host", show_default=True)
+@click.option("--adapter-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--optim", type=click.Choice(["adamw", "adamw8bit", "paged_adamw8bit"]), default="adamw",
+              show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
-def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, as_json) -> None:
+def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, lm_head, embeddings,
+         adapter_dtype, optim, as_json) -> None:
     """Per-GPU memory of a QDoRA run, whether it fits, and the cheapest settings that make it fit.
 
     Exit status 0 when it fits, 1 when it does not (the report then names the settings that would fit).
@@ -41,7 +47,8 @@ def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, targ
 
     try:
         result = plan_memory(load_config(model), gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
-                             micro_batch=micro_batch, method=method, offload=offload, target=target, loss=loss)
+                             micro_batch=micro_batch, method=method, offload=offload, target=target, loss=loss,
+                             lm_head=lm_head, embeddings=embeddings, adapter_dtype=adapter_dtype, optim=optim)
     except QdoraError as e:
         raise click.ClickException(str(e)) from e
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.report())

@@ -6,7 +6,7 @@ block and at the root with `MixedPrecisionPolicy(param_dtype=compute, reduce_dty
 `CPUOffloadPolicy`. uint8 NF4 bytes are never cast by the policy (it casts floating parameters only);
 with torch < 2.13 the bytes are bf16 views, so only bf16 (or fp32: no casting) compute is allowed.
 Gradient checkpointing is transformers' own per-layer, non-reentrant one (module names stay unchanged,
-so adapter keys stay PEFT's). Activation offload wraps the forward in `save_on_cpu`.
+so adapter keys stay PEFT's). Activation offload wraps the forward in `HiddenStateOffload`.
 """
 
 from __future__ import annotations
@@ -148,10 +148,13 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def activation_offload(enabled: bool, device: torch.device):
-    """Context for the forward: saved activations go to (pinned) host memory and come back in backward."""
+    """Context for the forward: saved hidden states go to pinned host memory on a side stream and are
+    prefetched back during the backward (qdora/train/offload.py); parameters never move; no-op on CPU."""
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+    from qdora.train.offload import HiddenStateOffload
+
+    return HiddenStateOffload(device)
 
 
 def autocast(device: torch.device, compute: torch.dtype, sharded: bool):
