@@ -30,10 +30,8 @@ import torch
 from torch import nn
 
 from qdora.core.adapt import AdapterSpec, AdaptReport, adapt_model, adapter_layers
-from qdora.core.host_embedding import HostEmbedding, embeddings_to_host
 from qdora.core.layer import NF4Linear, QDoRALinear
 from qdora.core.nf4 import NF4Weight, nf4_from_weight
-from qdora.core.nf4_head import lm_head_to_nf4
 from qdora.errors import QdoraError
 from qdora.io.weights import WeightReader
 
@@ -177,23 +175,16 @@ def load_model(
     compute_dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     shard: Callable[[nn.Module], None] | None = None,
-    lm_head: str = "dense",
-    embeddings: str = "device",
 ) -> tuple[nn.Module, AdaptReport]:
     """The adapted, NF4-quantized causal LM, streamed from `model_dir` onto `device`.
 
     `shard(model)` is called on the meta model (e.g. FSDP2 wrapping); parameters are then DTensors and
     each rank fills only its rows. Adapter parameters keep `spec.adapter_dtype`; other float tensors are
-    loaded in `compute_dtype`. `lm_head="nf4"` quantizes the frozen lm_head (qdora/core/nf4_head.py);
-    `embeddings="host"` keeps the input embedding in host memory (qdora/core/host_embedding.py).
-    Raises QdoraError for missing files, unknown/missing tensors, bad shapes.
+    loaded in `compute_dtype`. Raises QdoraError for missing files, unknown/missing tensors, bad shapes.
     """
     device = torch.device(device)
     reader = open_checkpoint(model_dir)
     model, report = build_meta_model(model_dir, spec, compute_dtype)
-    if lm_head == "nf4":
-        lm_head_to_nf4(model, spec.double_quant)
-    host_embedding = embeddings_to_host(model, device, compute_dtype) if embeddings == "host" else None
     if shard is not None:
         shard(model)
     model.to_empty(device=device)
@@ -204,16 +195,11 @@ def load_model(
     buffers = dict(model.named_buffers(remove_duplicate=False))
     loaded: set[str] = set()
     unknown: list[str] = []
-    embed_full: Callable[[], torch.Tensor] | None = None
-    embed_param = None
+    embed_key = None
     for name, read in iter_checkpoint(reader):
         owner, _, leaf = name.rpartition(".")
         module = modules.get(owner)
-        if isinstance(module, HostEmbedding) and leaf == "weight":
-            module.set_table(read())
-            loaded.add(name)
-            embed_full = lambda m=module: m.weight  # noqa: E731
-        elif isinstance(module, (QDoRALinear, NF4Linear)) and leaf == "weight":
+        if isinstance(module, (QDoRALinear, NF4Linear)) and leaf == "weight":
             fill_nf4(module.base, read(), device)
             loaded.update(f"{owner}.base.{p}" for p in ("packed", "absmax"))
         elif isinstance(module, (QDoRALinear, NF4Linear)) and leaf == "bias":
@@ -223,8 +209,7 @@ def load_model(
             fill_param(params[name], read())
             loaded.add(name)
             if isinstance(module, nn.Embedding):
-                embed_param = params[name]
-                embed_full = lambda p=embed_param: _full(p)  # noqa: E731
+                embed_key = name
         elif name in buffers:
             fill_param(buffers[name], read())
             loaded.add(name)
@@ -233,17 +218,10 @@ def load_model(
     if unknown:
         log.warning("ignored %d checkpoint tensors the model does not have (e.g. %s)", len(unknown), unknown[0])
     head = getattr(model, "lm_head", None)
-    tied = not {"lm_head.weight", "lm_head.base.packed"} & loaded
-    if tied and embed_full is not None:  # the head is frozen: a copy of the embedding will do
-        if isinstance(head, NF4Linear):
-            fill_nf4(head.base, embed_full(), device)
-            loaded.update(f"lm_head.base.{p}" for p in ("packed", "absmax"))
-        elif isinstance(head, nn.Linear):
-            if head.weight is not embed_param:  # tie lost by to_empty/sharding
-                fill_param(head.weight, embed_full())
-            loaded.add("lm_head.weight")
-    if host_embedding is not None and host_embedding.weight.device.type == "meta":
-        raise QdoraError(f"{model_dir}: the checkpoint has no input embedding")
+    if isinstance(head, nn.Linear) and "lm_head.weight" not in loaded and embed_key is not None:
+        if head.weight is not params[embed_key]:  # tie lost by to_empty/sharding: copy (the head is frozen)
+            fill_param(head.weight, _full(params[embed_key]))
+        loaded.add("lm_head.weight")
     adapter_names = {f"{p}.{a}" for p, layer in adapter_layers(model).items()
                      for a in ("lora_A", "lora_B", "magnitude") if getattr(layer, a) is not None}
     missing = [n for n in params if n not in loaded and n not in adapter_names]

@@ -72,25 +72,3 @@ def test_bf16_compute_keeps_adapters_fp32(tmp_path):
     assert streamed.model.embed_tokens.weight.dtype == torch.bfloat16
     layer = next(iter(adapter_layers(streamed).values()))
     assert layer.lora_A.dtype == torch.float32 and layer.base.packed.dtype in (torch.uint8, torch.bfloat16)
-
-
-@pytest.mark.parametrize("tie", [False, True])
-def test_host_embedding_and_nf4_head(tmp_path, tie):
-    """embeddings=host gives exactly the plain model; lm_head=nf4 exactly the plain model whose head is
-    quantized the same way (tied checkpoints fill both from the one embedding tensor)."""
-    from qdora.core.host_embedding import HostEmbedding
-    from qdora.core.layer import NF4Linear
-    from qdora.core.nf4_head import lm_head_to_nf4
-
-    d = build_tiny_model(tmp_path / "m", tie_word_embeddings=tie)
-    ref = reference(d)
-    host, _ = load_model(d, SPEC, "cpu", torch.float32, seed=0, embeddings="host")
-    assert isinstance(host.get_input_embeddings(), HostEmbedding)
-    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(host(ids).logits, ref(ids).logits)
-    both, _ = load_model(d, SPEC, "cpu", torch.float32, seed=0, embeddings="host", lm_head="nf4")
-    assert isinstance(both.lm_head, NF4Linear)
-    lm_head_to_nf4(ref)
-    with torch.no_grad():
-        assert torch.equal(both(ids).logits, ref(ids).logits)
