@@ -37,7 +37,6 @@ from benchmarks.live_bytes import LiveBytes, storage_bytes  # noqa: E402
 from benchmarks.train_step import _state_tensors, autocast_for, forward_loss  # noqa: E402
 from qdora.tools.plan import (  # noqa: E402
     GIB,
-    LLAMA_LINEARS,
     adapter_bytes_per_param,
     adapter_param_count,
     layer_recompute_bytes,
@@ -88,7 +87,7 @@ def planned(shape_name: str, seq: int, rank: int, method: str) -> dict:
     for o, i in shape.linears().values():
         sh, rep = nf4_bytes(o, i)
         shardable, replicated = shardable + sh, replicated + rep
-    per_layer_adapters = adapter_param_count(shape, rank, method, list(LLAMA_LINEARS)) // shape.layers
+    per_layer_adapters = adapter_param_count(shape, rank, method, shape.linear_paths()) // shape.layers
     largest = max(o * i for o, i in shape.linears().values())
     return dict(
         layer_storage=shardable + replicated + 2 * shape.hidden * 2 + per_layer_adapters * 4,

@@ -1,6 +1,6 @@
 """`qdora plan`: how much GPU memory one rank needs for a QDoRA run, and what makes it fit.
 
-The model is counted term by term (DESIGN.md §4), per GPU, for N ranks sharding with FSDP2:
+The model is counted term by term (docs/design.md, "The 70B memory budget"), per GPU, for N ranks sharding with FSDP2:
 
 - base: each decoder linear as NF4 — packed bytes (½ B/weight) + double-quantized absmax (1 B per 64
   weights), sharded over N — plus the replicated second-level statistics (fp32 per 256 blocks, 256-entry
@@ -44,18 +44,27 @@ from pathlib import Path
 
 from qdora.core.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE
 from qdora.errors import QdoraError
+from qdora.options import (
+    EMBEDDINGS,
+    LM_HEAD,
+    LOSS,
+    METHOD,
+    OFFLOAD,
+    OPTIM,
+    TRAIN_ADAPTER_DTYPE,
+    offloads_activations,
+    offloads_params,
+    select_targets,
+)
 
 GIB = 1024**3
 CUDA_CONTEXT_GIB = 0.75  # CUDA 12/13 context + cuBLAS workspace on Hopper/Ada: ~0.5-0.8 GiB (assumed)
 FRAGMENTATION = 0.05  # caching-allocator slack over the allocated peak (assumed, to be measured)
 LOSS_CHUNK_COPIES = 3  # fp32 logits chunk, its softmax/gradient, and a bf16 copy rounded up
 FULL_LOSS_BYTES = 10  # per token per vocab entry with transformers' default loss (see module doc)
-OFFLOADS = ("none", "activations", "params", "all")
-LM_HEADS = ("dense", "nf4")
 ADAPTER_DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 OFFLOADED_HIDDENS_IN_FLIGHT = 3  # with --offload activations: in use, being copied out, prefetched back
 NF4_HEAD_VOCAB_SLICE = 8192  # vocab rows the NF4-head loss dequantizes at a time (qdora/train/nf4_head_loss.py)
-LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,11 @@ class Shape:
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
+
+    def linear_paths(self) -> list[str]:
+        """Module paths of every decoder-block linear, as a Llama checkpoint names them (for --target)."""
+        return [f"model.layers.{n}.{'self_attn' if name.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}"
+                f".{name}" for n in range(self.layers) for name in self.linears()]
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(out, in) of every linear of one decoder layer."""
@@ -169,15 +183,22 @@ def shape_from_config(config) -> Shape:
     return s
 
 
-def load_config(model: str):
-    """A preset name (llama-3-70b, 8b, ...), a model folder with config.json, or a config.json file."""
+def load_config(model: str, revision: str | None = None):
+    """A model folder with config.json, a config.json file, a preset name (llama-3-70b, 8b, ...), or a Hub
+    repository id `org/name` (only its config.json is fetched, at `revision`)."""
+    from qdora.io.hub import looks_like_repo_id, resolve_model
     from qdora.tools.presets import preset_config
 
     path = Path(model)
-    if path.is_dir():
-        path = path / "config.json"
+    if path.is_file():
+        if revision:
+            raise QdoraError(f"--revision {revision} applies to Hub models, but {model} is a local file")
+    elif path.is_dir() or "/" in model and looks_like_repo_id(model):
+        path = resolve_model(model, revision, config_only=True).path / "config.json"
         if not path.is_file():
             raise QdoraError(f"{model} has no config.json")
+    elif revision:
+        raise QdoraError(f"--revision {revision} applies to Hub models, not to the preset {model}")
     if path.is_file():
         try:
             return json.loads(path.read_text())
@@ -196,10 +217,11 @@ def nf4_bytes(out_f: int, in_f: int, double_quant: bool = True) -> tuple[int, in
     return shardable, replicated
 
 
-def adapter_param_count(shape: Shape, rank: int, method: str, targets: list[str]) -> int:
-    per_layer = sum(rank * (i + o) + (o if method == "dora" else 0)
-                    for name, (o, i) in shape.linears().items() if name in targets)
-    return per_layer * shape.layers
+def adapter_param_count(shape: Shape, rank: int, method: str, paths: list[str]) -> int:
+    """Adapter parameters on the linears at `paths` (Shape.linear_paths)."""
+    linears = shape.linears()
+    return sum(rank * (i + o) + (o if method == "dora" else 0)
+               for o, i in (linears[p.rsplit(".", 1)[-1]] for p in paths))
 
 
 def layer_recompute_bytes(shape: Shape, tokens: int, method: str, act_bytes: int = 2) -> int:
@@ -278,11 +300,13 @@ def plan_memory(
     """Per-GPU memory of a QDoRA run (see the module docstring for each term)."""
     shape = config if isinstance(config, Shape) else shape_from_config(config)
     _check(gpus, gpu_mem_gib, seq_len, rank, micro_batch, method, offload, loss, loss_chunk)
-    _check_choices(embeddings=embeddings, lm_head=lm_head, adapter_dtype=adapter_dtype, optim=optim)
-    targets = _targets(target)
+    for choice, value in ((EMBEDDINGS, embeddings), (LM_HEAD, lm_head), (TRAIN_ADAPTER_DTYPE, adapter_dtype),
+                          (OPTIM, optim)):
+        choice.check(value)
+    targets = select_targets(target, shape.linear_paths(), "a Llama-shaped model")
     tokens = micro_batch * seq_len
-    offload_params = offload in ("params", "all")
-    offload_acts = offload in ("activations", "all")
+    offload_params = offloads_params(offload)
+    offload_acts = offloads_activations(offload)
     sharded = gpus > 1 or offload_params
 
     shardable = replicated = 0
@@ -352,8 +376,8 @@ _LADDER = (
     {"offload": "all"},
     {"offload": "all", "lm_head": "nf4", "adapter_dtype": "bf16", "optim": "adamw8bit"},
 )
-_ORDER = {"offload": OFFLOADS, "lm_head": LM_HEADS, "adapter_dtype": ("fp32", "bf16"),
-          "optim": ("adamw", "adamw8bit", "paged_adamw8bit"), "embeddings": ("device", "host")}
+_ORDER = {"offload": OFFLOAD.values, "lm_head": LM_HEAD.values, "adapter_dtype": TRAIN_ADAPTER_DTYPE.values,
+          "optim": OPTIM.values, "embeddings": ("device", "host")}
 
 
 def _apply(settings: dict, change: dict) -> dict:
@@ -402,17 +426,6 @@ def _cheapest_fit(shape: Shape, settings: dict, dtype_bytes: int) -> dict | None
     return None
 
 
-def _targets(target: str | list[str]) -> list[str]:
-    if target == "all-linear":
-        return list(LLAMA_LINEARS)
-    names = [t.strip() for t in target.split(",")] if isinstance(target, str) else list(target)
-    bad = [t for t in names if t not in LLAMA_LINEARS]
-    if bad or not names:
-        raise QdoraError(f"unknown target(s) {bad or names}: use all-linear or a comma list of "
-                         f"{', '.join(LLAMA_LINEARS)}")
-    return names
-
-
 def _check(gpus, gpu_mem_gib, seq_len, rank, micro_batch, method, offload, loss, loss_chunk) -> None:
     for name, v in (("gpus", gpus), ("seq_len", seq_len), ("rank", rank), ("micro_batch", micro_batch),
                     ("loss_chunk", loss_chunk)):
@@ -420,17 +433,9 @@ def _check(gpus, gpu_mem_gib, seq_len, rank, micro_batch, method, offload, loss,
             raise QdoraError(f"{name} must be a positive integer, not {v!r}")
     if not gpu_mem_gib > 0 or not math.isfinite(gpu_mem_gib):
         raise QdoraError(f"gpu memory must be a positive number of GiB, not {gpu_mem_gib!r}")
-    if method not in ("dora", "lora"):
-        raise QdoraError(f"unknown method {method!r}: choose dora or lora")
-    if offload not in OFFLOADS:
-        raise QdoraError(f"unknown offload {offload!r}: choose one of {', '.join(OFFLOADS)}")
-    if loss not in ("chunked", "full"):
-        raise QdoraError(f"unknown loss {loss!r}: choose chunked or full")
+    METHOD.check(method)
+    OFFLOAD.check(offload)
+    LOSS.check(loss)
 
-
-def _check_choices(**values: str) -> None:
-    for name, v in values.items():
-        if v not in _ORDER[name]:
-            raise QdoraError(f"unknown {name.replace('_', '-')} {v!r}: choose one of {', '.join(_ORDER[name])}")
 
 

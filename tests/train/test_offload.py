@@ -3,6 +3,7 @@ left alone, and a no-op on CPU unless the bookkeeping is exercised with copy_on_
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qdora.core.adapt import AdapterSpec, adapt_model
@@ -35,6 +36,7 @@ def _step(model, ids, hooks=None):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 def test_offloaded_grads_are_bit_identical(tiny_llama_dir):
     model = _model(tiny_llama_dir)
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -58,6 +60,7 @@ def test_offloaded_grads_are_bit_identical(tiny_llama_dir):
     assert shipped and not any(t.untyped_storage().data_ptr() in params for t in shipped)  # lm_head stays
 
 
+@pytest.mark.slow
 def test_noop_on_cpu_and_small_tensors_stay(tiny_llama_dir):
     model = _model(tiny_llama_dir)
     ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))

@@ -38,7 +38,7 @@ def test_clip_scales_to_max_norm_and_returns_the_norm_before():
     assert grad_norm([torch.nn.Parameter(torch.ones(2))]).item() == 0.0
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamw8bit"])
+@pytest.mark.parametrize("name", ["adamw", pytest.param("adamw8bit", marks=pytest.mark.slow)])
 def test_optimizers_run_on_cpu_and_resume_bit_exactly(name):
     def run(steps, opt_state=None, weights=None):
         p = torch.nn.Parameter(weights.clone() if weights is not None else torch.randn(
