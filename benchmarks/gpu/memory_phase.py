@@ -15,7 +15,7 @@ from benchmarks.gpu.common import Phase
 
 def run(phase: Phase) -> None:
     out = phase.out / "plan_check.json"
-    cmd = [sys.executable, "benchmarks/plan_check.py", "--device", phase.device, "--json", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks.plan_check", "--device", phase.device, "--json", str(out)]
     if phase.dry_run:
         cmd += ["--configs", "tiny:128", "--steps", "1"]
     proc = phase.sh(cmd, timeout=360, check="plan_check: planner within 10% of every measured peak")

@@ -17,7 +17,7 @@ def run(phase: Phase) -> None:
     rows = []
     for method in ("qdora-dora", "peft-qdora", "peft-qlora"):
         out = phase.out / f"profile-{method}.json"
-        proc = phase.sh([sys.executable, "benchmarks/profile_step.py", "--method", method, "--shape", shape,
+        proc = phase.sh([sys.executable, "-m", "benchmarks.profile_step", "--method", method, "--shape", shape,
                          "--seq-len", str(seq), "--steps", "2", "--warmup", "1", "--device", phase.device,
                          "--top", "30", "--json", str(out)], timeout=170, check=f"profile {method} {shape}")
         if not out.is_file():

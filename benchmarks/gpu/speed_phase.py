@@ -40,7 +40,7 @@ def goals(by: dict) -> list[tuple[str, bool, str]]:
 def run(phase: Phase) -> None:
     for shape, seq, steps, warmup, timeout in (DRY if phase.dry_run else SHAPES):
         out = phase.out / f"speed-{shape}.json"
-        proc = phase.sh([sys.executable, "benchmarks/train_step.py", "--shape", shape, "--seq-len", str(seq),
+        proc = phase.sh([sys.executable, "-m", "benchmarks.train_step", "--shape", shape, "--seq-len", str(seq),
                          "--rank", "16", "--steps", str(steps), "--warmup", str(warmup), "--device", phase.device,
                          "--methods", ORDER, "--json", str(out), "--markdown"], timeout=timeout,
                         check=f"train_step {shape} seq {seq}")
@@ -49,7 +49,7 @@ def run(phase: Phase) -> None:
         rep = json.loads(out.read_text())
         out.unlink()  # folded into speed.json
         phase.data[f"{shape}-{seq}"] = rep
-        md = proc.stdout[proc.stdout.find("`python benchmarks/train_step.py"):] if proc.stdout else ""
+        md = proc.stdout[proc.stdout.find("`python -m benchmarks.train_step"):] if proc.stdout else ""
         phase.markdown.append(md.strip())
         by = {r["method"]: r for r in rep["results"]}
         if shape == "8b":
