@@ -30,17 +30,23 @@ def main() -> None:
 @click.option("--target", default="all-linear", show_default=True, help="all-linear or q_proj,v_proj,...")
 @click.option("--loss", type=click.Choice(["chunked", "full"]), default="chunked", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
-def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, as_json) -> None:
+@click.option("--allow-no-export", is_flag=True, help="plan a family qdora trains but cannot export to GGUF")
+def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, as_json,
+         allow_no_export) -> None:
     """Per-GPU memory of a QDoRA run, whether it fits, and the cheapest settings that make it fit.
 
     Exit status 0 when it fits, 1 when it does not (the report then names the settings that would fit).
     """
     import json
 
+    from qdora.core.families import check_family
     from qdora.tools.plan import load_config, plan_memory
 
     try:
-        result = plan_memory(load_config(model), gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
+        config = load_config(model)
+        if isinstance(config, dict):  # a model's config.json (presets are Llama shapes)
+            check_family(config, ("train", "export"), allow_no_export, command="qdora plan")
+        result = plan_memory(config, gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
                              micro_batch=micro_batch, method=method, offload=offload, target=target, loss=loss)
     except QdoraError as e:
         raise click.ClickException(str(e)) from e

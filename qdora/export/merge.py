@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from qdora.core.adapter_io import read_adapter_config
+from qdora.core.families import check_family
 from qdora.errors import QdoraError
-from qdora.export.adapter_merge import BASES, AdapterMerge, edited_config
+from qdora.export.adapter_merge import BASES, AdapterMerge, edited_config, resolve_base_dir
 from qdora.io.weights import INDEX, SINGLE, WEIGHT_SUFFIXES, ShardedWriter, parse_size
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -85,6 +87,9 @@ def merge_adapter(
     shard_bytes = parse_size(shard_size)
     output = Path(output)
     _check_output(output, overwrite)
+    if Path(adapter_dir).is_dir():  # the family first, before transformers builds the model
+        base_dir = resolve_base_dir(base_model, read_adapter_config(Path(adapter_dir))[1])
+        check_family(base_dir, ("merge", "export"), allow_no_export=True, command="qdora merge")
     plan = AdapterMerge.load(adapter_dir, base_model)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
