@@ -70,7 +70,7 @@ def family_of(cfg: dict[str, Any]) -> Family:
     what = "a mixture-of-experts model" if is_mixture_of_experts(cfg) else "not a family qdora knows"
     arch = ", ".join(cfg.get("architectures") or []) or mtype
     raise QdoraError(
-        f"model family {mtype!r} ({arch}) is {what}: qdora trains {supported_names('train')}"
+        f"model family {mtype!r} ({arch}) is {what}: qdora supports {supported_names('train')}"
     )
 
 

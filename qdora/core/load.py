@@ -12,7 +12,8 @@ second-level statistics (absmax2, offset) over all blocks of the weight, so quan
 would give different bytes than the single-process model. The full tensor lives only while it is quantized.
 
 Non-persistent buffers (the rotary `inv_freq`, Gemma's embedding scale) are not in the checkpoint; they
-are recomputed from the config after `to_empty` (see `_rebuild_buffers`). Tied embeddings: when the checkpoint has no `lm_head.weight`, the lm_head is filled
+are recomputed from the config after `to_empty` (see `_rebuild_buffers`). Tied embeddings: when the
+checkpoint has no `lm_head.weight`, the lm_head is filled
 from the embedding (it is frozen, so a copy is as good as a tie).
 """
 

@@ -12,7 +12,6 @@ import torch
 
 from qdora.testing.tiny_tokenizers import build_tokenizer
 
-
 # Per-family shape choices on top of the common ones: head_dim != hidden / heads where the family allows it
 # (Qwen3, Gemma), Gemma 3's real 5 local : 1 global layer pattern with a window shorter than the test
 # prompts, Phi-3's partial rotary.

@@ -29,6 +29,6 @@ def test_loss_equals_the_models_own(tmp_path, family):
     if family == "gemma2":  # soft-capping changes the loss: without it the test above could not pass
         with torch.no_grad():
             hidden = model.model(input_ids=ids).last_hidden_state
-            raw = torch.nn.functional.cross_entropy((hidden @ model.lm_head.weight.t())[:, :-1].reshape(-1, model.config.vocab_size),
-                                                    labels[:, 1:].reshape(-1))
+            logits = (hidden @ model.lm_head.weight.t())[:, :-1].reshape(-1, model.config.vocab_size)
+            raw = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1))
         assert abs(raw.item() - theirs.item()) > 1e-3
