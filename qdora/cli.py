@@ -6,19 +6,21 @@ import logging
 
 import click
 
+from qdora.cli_errors import QdoraGroup
 from qdora.cli_options import EPILOG, train_options
 from qdora.errors import QdoraError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=QdoraGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qdora")
 def main() -> None:
     """Fine-tune LLMs with QDoRA on a frozen NF4 base, then merge and export for llama.cpp/Ollama."""
 
 
 @main.command()
-@click.option("--model", required=True, help="model folder (config.json), a config.json file, or a preset "
-              "(llama-3-70b, llama-3-8b, llama-3.2-1b)")
+@click.option("--model", required=True, help="model folder (config.json), a config.json file, a preset "
+              "(llama-3-70b, llama-3-8b, llama-3.2-1b), or a Hub id org/name (fetches config.json only)")
+@click.option("--revision", default=None, help="Hub branch, tag or commit of --model [default: main]")
 @click.option("--gpus", type=int, default=1, show_default=True, help="ranks sharing the model with FSDP2")
 @click.option("--gpu-mem", type=float, default=24.0, show_default=True, help="memory per GPU in GiB")
 @click.option("--seq-len", type=int, default=2048, show_default=True)
@@ -31,7 +33,7 @@ def main() -> None:
 @click.option("--loss", type=click.Choice(["chunked", "full"]), default="chunked", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 @click.option("--allow-no-export", is_flag=True, help="plan a family qdora trains but cannot export to GGUF")
-def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, as_json,
+def plan(model, revision, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, as_json,
          allow_no_export) -> None:
     """Per-GPU memory of a QDoRA run, whether it fits, and the cheapest settings that make it fit.
 
@@ -42,14 +44,11 @@ def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, targ
     from qdora.core.families import check_family
     from qdora.tools.plan import load_config, plan_memory
 
-    try:
-        config = load_config(model)
-        if isinstance(config, dict):  # a model's config.json (presets are Llama shapes)
-            check_family(config, ("train", "export"), allow_no_export, command="qdora plan")
-        result = plan_memory(config, gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
-                             micro_batch=micro_batch, method=method, offload=offload, target=target, loss=loss)
-    except QdoraError as e:
-        raise click.ClickException(str(e)) from e
+    config = load_config(model, revision)
+    if isinstance(config, dict):  # a model's config.json (presets are Llama shapes)
+        check_family(config, ("train", "export"), allow_no_export, command="qdora plan")
+    result = plan_memory(config, gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
+                         micro_batch=micro_batch, method=method, offload=offload, target=target, loss=loss)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.report())
     if not result.fits:
         raise SystemExit(1)
@@ -71,10 +70,7 @@ def export(model_dir: str, output: str, outtype: str, modelfile: bool, quantize:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)
-    try:
-        path = export_gguf(model_dir, output, outtype=outtype.lower(), modelfile=modelfile, quantize=quantize)
-    except QdoraError as e:
-        raise click.ClickException(str(e)) from e
+    path = export_gguf(model_dir, output, outtype=outtype.lower(), modelfile=modelfile, quantize=quantize)
     click.echo(f"GGUF ready: {path}")
 
 
@@ -95,11 +91,8 @@ def train(config_file: str | None, **flags) -> None:
     logging.basicConfig(level=logging.INFO if _is_main_rank() else logging.ERROR, format="%(message)s")
     for noisy in ("httpx", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        cfg = resolve_config(read_yaml(config_file) if config_file else {}, flags)
-        result = run_training(cfg)
-    except QdoraError as e:
-        raise click.ClickException(str(e)) from e
+    cfg = resolve_config(read_yaml(config_file) if config_file else {}, flags)
+    result = run_training(cfg)
     if result.status == "interrupted":
         if _is_main_rank():
             click.echo(f"interrupted at step {result.step}: checkpoint {result.checkpoint} written; "
@@ -121,7 +114,9 @@ def _is_main_rank() -> bool:
 @click.option("--output", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Folder to write the merged Hugging Face model to.")
 @click.option("--base-model", default=None, type=click.Path(path_type=str),
-              help="Full-precision base model folder [default: the adapter's base_model_name_or_path].")
+              help="Full-precision base model: a folder or a Hub id org/name [default: the adapter's "
+                   "base_model_name_or_path, at the revision it was trained on].")
+@click.option("--revision", default=None, help="Hub branch, tag or commit of --base-model [default: main].")
 @click.option("--dtype", default="bf16", show_default=True, metavar="bf16|fp16|fp32", help="Output weight dtype.")
 @click.option("--base", "base_kind", default="dequantized", show_default=True,
               type=click.Choice(["dequantized", "original"]),
@@ -131,16 +126,13 @@ def _is_main_rank() -> bool:
                    "it is not the function that was trained (the magnitude was learned against the NF4 norms).")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard (e.g. 500MB, 5GB).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUTPUT folder.")
-def merge(adapter_dir: str, output: str, base_model: str | None, dtype: str, base_kind: str, shard_size: str,
-          overwrite: bool) -> None:
+def merge(adapter_dir: str, output: str, base_model: str | None, revision: str | None, dtype: str, base_kind: str,
+          shard_size: str, overwrite: bool) -> None:
     """Merge an adapter into its base: a full-precision checkpoint that loads with plain transformers."""
     from qdora.export.merge import merge_adapter
 
-    try:
-        res = merge_adapter(adapter_dir, output, base_model=base_model, dtype=dtype, base=base_kind,
-                            shard_size=shard_size, overwrite=overwrite)
-    except QdoraError as e:
-        raise click.ClickException(str(e)) from e
+    res = merge_adapter(adapter_dir, output, base_model=base_model, dtype=dtype, base=base_kind,
+                        shard_size=shard_size, overwrite=overwrite, revision=revision)
     click.echo(f"merged {res.merged} adapted weights, dequantized {res.dequantized} frozen NF4 weights; "
                f"{res.total_bytes / 1e9:.2f} GB in {res.shards} shard(s) -> {res.output}")
 
@@ -167,14 +159,11 @@ def analyze(adapter_dir: str | None, finetuned: str | None, checkpoints: tuple[s
     from qdora.tools.analyze import run_analysis
     from qdora.tools.decomposition import format_table
 
-    try:
-        if more_checkpoints and not checkpoints:
-            raise QdoraError(f"unexpected arguments {' '.join(more_checkpoints)}")
-        rows, summary = run_analysis(output, adapter=adapter_dir, finetuned=finetuned,
-                                     checkpoints=[*checkpoints, *more_checkpoints], base_model=base_model,
-                                     base=base_kind)
-    except QdoraError as e:
-        raise click.ClickException(str(e)) from e
+    if more_checkpoints and not checkpoints:
+        raise QdoraError(f"unexpected arguments {' '.join(more_checkpoints)}")
+    rows, summary = run_analysis(output, adapter=adapter_dir, finetuned=finetuned,
+                                 checkpoints=[*checkpoints, *more_checkpoints], base_model=base_model,
+                                 base=base_kind)
     click.echo(format_table(summary))
     click.echo(f"{len(rows)} weights -> {output}/decomposition.csv, {output}/decomposition.png")
 

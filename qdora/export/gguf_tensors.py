@@ -167,8 +167,9 @@ def write_tensor_data(
                     data = permute_rotary(data, p.permute_heads)
                 if p.shift:
                     data = data + np.float32(p.shift)
-                encoded = _encode(data, p.qtype)
-                encoded.tofile(fout)
+                encoded = np.ascontiguousarray(_encode(data, p.qtype))
+                fout.write(encoded.data)  # a Python write: a full disk raises OSError(ENOSPC), not numpy's
+                # errno-less "N requested and M written"
                 written += encoded.nbytes
         if written != p.nbytes:
             raise AssertionError(f"{p.name}: wrote {written} bytes, planned {p.nbytes}")
