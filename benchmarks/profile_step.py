@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.bench_model import METHODS, build  # noqa: E402
-from benchmarks.train_step import autocast_for, batch, sync, train_step  # noqa: E402
-from qdora.tools.presets import preset_config  # noqa: E402
+from benchmarks.bench_model import METHODS, build
+from benchmarks.train_step import autocast_for, batch, sync, train_step
+from qdora.tools.presets import preset_config
 
 
 def main(argv=None) -> int:

@@ -7,9 +7,9 @@ with bitsandbytes, keep the packed bytes and per-block statistics as ordinary te
 Row layout means a dim-0 shard holds whole rows, and a rank can fill its shard from a row slice.
 
 Storage dtype: packed bytes and (double-quantized) absmax are uint8 where torch's FSDP2 accepts frozen
-uint8 parameters (torch >= 2.13), else viewed as bfloat16 (DESIGN.md §3). Integer bytes are never
-touched by a float code path; a mixed-precision policy never casts them. Without double quantization the
-fp32 absmax is stored as its raw bytes (uint8 view), for the same reason.
+uint8 parameters (torch >= 2.13), else viewed as bfloat16 (docs/design.md, "NF4 storage that FSDP2 can
+shard"). Integer bytes are never touched by a float code path; a mixed-precision policy never casts them.
+Without double quantization the fp32 absmax is stored as its raw bytes (uint8 view), for the same reason.
 """
 
 from __future__ import annotations
@@ -114,11 +114,13 @@ class NF4Weight(nn.Module):
         self.row_norm_sq = self.dequantize(torch.float32).pow(2).sum(dim=1)
         return self
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The stored tensors `dequantize_nf4` takes, in its order (an autograd function's frozen inputs)."""
+        return self.packed, self.absmax, self.absmax2, self.code2, self.offset, self.code
+
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The full [out, in] weight, via bitsandbytes' kernel on the storage's device."""
-        return dequantize_nf4(
-            self.packed, self.absmax, self.absmax2, self.code2, self.offset, self.code, self.spec, dtype
-        )
+        return dequantize_nf4(*self.tensors(), self.spec, dtype)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -22,8 +22,6 @@ from qdora.core.nf4 import nf4_from_weight
 from qdora.errors import QdoraError
 from qdora.io.weights import WeightReader, is_model_dir
 
-BASES = ("dequantized", "original")
-
 
 def block_linear_keys(model_dir: Path) -> list[str]:
     """Checkpoint keys (`<path>.weight`) of every linear inside the decoder blocks."""

@@ -227,7 +227,7 @@ def evaluate(wrapper: nn.Module, data, cfg: TrainConfig, d: Dist, compute: torch
 def train(cfg: TrainConfig) -> TrainResult:
     """Run `qdora train` with a resolved config (see `qdora.train.config`). Raises QdoraError on bad input."""
     cfg.validate()
-    d = setup_distributed(cfg.device, cfg.offload in ("params", "all"))
+    d = setup_distributed(cfg.device, cfg.offload_params)
     try:
         return _run(cfg, d)
     except torch.OutOfMemoryError as e:
@@ -276,7 +276,7 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
 
     def shard(lm: nn.Module) -> None:
         holder["wrapper"] = CausalLMLoss(lm)
-        shard_model(holder["wrapper"], compute, cfg.offload in ("params", "all"), root_blocks=lm)
+        shard_model(holder["wrapper"], compute, cfg.offload_params, root_blocks=lm)
 
     lm, report = load_model(model.path, spec, d.device, compute, cfg.seed, shard=shard if d.sharded else None)
     wrapper = holder.get("wrapper") or CausalLMLoss(lm)
@@ -353,7 +353,7 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
             for i, batch in enumerate(batches):
                 if d.sharded:
                     wrapper.set_requires_gradient_sync(i == len(batches) - 1)
-                with activation_offload(cfg.offload in ("activations", "all"), d.device), \
+                with activation_offload(cfg.offload_activations, d.device), \
                         autocast(d.device, compute, d.sharded):
                     loss_sum, _ = wrapper(**batch)
                 scaled = loss_sum * (d.world_size / n_global.to(loss_sum.dtype))

@@ -1,6 +1,7 @@
 """Chunked causal-LM cross-entropy from hidden states and the lm_head weight.
 
-The full logits of one 2048-token sequence against a 128k vocabulary take 1 GB in fp32 (DESIGN.md §4).
+The full logits of one 2048-token sequence against a 128k vocabulary take 1 GB in fp32 (docs/design.md,
+"The 70B memory budget").
 This loss never builds them: it walks the non-ignored tokens in chunks of `chunk_size`, computes each
 chunk's logits in the compute dtype, takes an fp32 log-softmax, and keeps only one fp32 log-sum-exp per
 token. The backward recomputes each chunk's logits, so the extra peak memory is O(chunk_size × vocab)

@@ -141,7 +141,6 @@ def test_peak_tensor_is_one_chunk_of_logits_not_the_full_logits():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_peak_memory_is_chunk_sized():
     seq, vocab, hid, chunk = 4096, 32000, 256, 256
     hidden = torch.randn(1, seq, hid, device="cuda", dtype=torch.bfloat16, requires_grad=True)
