@@ -37,17 +37,22 @@ def main() -> None:
 @click.option("--adapter-dtype", default="fp32", show_default=True, metavar=TRAIN_ADAPTER_DTYPE.metavar)
 @click.option("--optim", default="adamw", show_default=True, metavar=OPTIM.metavar)
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
+@click.option("--allow-no-export", is_flag=True, help="plan a family qdora trains but cannot export to GGUF")
 def plan(model, revision, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, lm_head,
-         embeddings, adapter_dtype, optim, as_json) -> None:
+         embeddings, adapter_dtype, optim, as_json, allow_no_export) -> None:
     """Per-GPU memory of a QDoRA run, whether it fits, and the cheapest settings that make it fit.
 
     Exit status 0 when it fits, 1 when it does not (the report then names the settings that would fit).
     """
     import json
 
+    from qdora.core.families import check_family
     from qdora.tools.plan import load_config, plan_memory
 
-    result = plan_memory(load_config(model, revision), gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
+    config = load_config(model, revision)
+    if isinstance(config, dict):  # a model's config.json (presets are Llama shapes)
+        check_family(config, ("train", "export"), allow_no_export, command="qdora plan")
+    result = plan_memory(config, gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
                          micro_batch=micro_batch, method=method, offload=offload, target=target, loss=loss,
                          lm_head=lm_head, embeddings=embeddings, adapter_dtype=adapter_dtype, optim=optim)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.report())
