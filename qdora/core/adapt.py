@@ -14,7 +14,7 @@ from torch import nn
 
 from qdora.core.experts import ExpertsAdapter, NF4Experts
 from qdora.core.layer import NF4Linear, QDoRALinear
-from qdora.core.moe_families import EXPERT_PARAMS, MoEFamily, family_of
+from qdora.core.moe_families import EXPERT_PARAMS, MoEFamily, moe_family_of
 from qdora.core.nf4 import NF4Weight
 from qdora.errors import QdoraError
 from qdora.options import ADAPTER_DTYPE, ALL_LINEAR, METHOD, parse_target, select_targets, torch_dtype
@@ -92,7 +92,7 @@ def linear_names_in_blocks(model: nn.Module) -> list[str]:
     """Paths of every linear (plain or already adapted) inside the decoder blocks, except the MoE gates a
     family keeps in full precision (Qwen2-MoE's shared_expert_gate)."""
     prefix = _block_prefix(model) + "."
-    family = family_of(model)
+    family = moe_family_of(model)
     keep = family.keep_linears if family is not None else ()
     return [n for n, m in model.named_modules()
             if n.startswith(prefix) and isinstance(m, (nn.Linear, QDoRALinear, NF4Linear))
@@ -101,7 +101,7 @@ def linear_names_in_blocks(model: nn.Module) -> list[str]:
 
 def experts_in_blocks(model: nn.Module) -> dict[str, nn.Module]:
     """Paths of the fused experts modules (transformers' or already `NF4Experts`) of an MoE model."""
-    family = family_of(model)
+    family = moe_family_of(model)
     if family is None:
         return {}
     return {n: m for n, m in model.named_modules()
@@ -169,7 +169,7 @@ def adapt_model(
     and freeze everything else. Untargeted linears become frozen `NF4Linear`s, as in QLoRA."""
     report = AdaptReport()
     targets = set(find_targets(model, spec.target))
-    family = family_of(model)
+    family = moe_family_of(model)
     for path, module in experts_in_blocks(model).items():
         if isinstance(module, NF4Experts):
             raise QdoraError(f"{path} is already quantized/adapted")

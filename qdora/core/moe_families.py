@@ -10,10 +10,13 @@ round trip one tensor at a time) and stores it under the checkpoint's own per-ex
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
-
+from qdora.core.families import Family, register
 from qdora.errors import QdoraError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,16 @@ FAMILIES: dict[str, MoEFamily] = {
                          "intermediate_size", renames=((".mlp.", ".block_sparse_moe."),)),
 }
 
+_NO_GGUF_YET = "its GGUF export is not implemented yet"
+register(Family("qwen3_moe", "Qwen3-MoE", chat_formats=("chatml",), missing=_NO_GGUF_YET))
+register(Family("mixtral", "Mixtral", chat_formats=("inst",), missing=_NO_GGUF_YET))
+register(Family("qwen2_moe", "Qwen2-MoE", chat_formats=("chatml",), missing=_NO_GGUF_YET))
+
 # Fused parameters of the experts module in registration order (PEFT nests its wrappers in this order).
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 
-def family_of(model: nn.Module) -> MoEFamily | None:
+def moe_family_of(model: nn.Module) -> MoEFamily | None:
     """The MoE family of a transformers model, None for a dense model; other MoE models are refused."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)

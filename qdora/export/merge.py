@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from qdora.core.families import check_family
 from qdora.errors import QdoraError, doing
 from qdora.export.adapter_merge import AdapterMerge, edited_config
 from qdora.io.os_errors import writing
@@ -90,6 +91,11 @@ def _publish(tmp: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_family(base_dir: Path) -> None:
+    """The base's family must merge (and is expected to export): refused before transformers builds it."""
+    check_family(base_dir, ("merge", "export"), allow_no_export=True, command="qdora merge")
+
+
 def merge_adapter(
     adapter_dir: str | Path,
     output: str | Path,
@@ -106,7 +112,7 @@ def merge_adapter(
     shard_bytes = parse_size(shard_size)
     output = Path(output)
     _check_output(output, overwrite)
-    plan = AdapterMerge.load(adapter_dir, base_model, revision)
+    plan = AdapterMerge.load(adapter_dir, base_model, revision, check_base=_check_family)
     needed = output_bytes(plan.reader, plan.base_dir, out_dtype)
     check_output(output, needed, "the merged model")
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")

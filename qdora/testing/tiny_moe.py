@@ -33,14 +33,14 @@ def dequantized_reference(model_dir, dtype=None):
     from transformers import AutoModelForCausalLM
 
     from qdora.core.adapt import linear_names_in_blocks
-    from qdora.core.moe_families import family_of
+    from qdora.core.moe_families import moe_family_of
     from qdora.core.nf4 import nf4_from_weight
 
     def rt(w):
         return nf4_from_weight(w.detach().float()).dequantize(torch.float32).to(w.dtype)
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32).eval()
-    family = family_of(model)
+    family = moe_family_of(model)
     with torch.no_grad():
         for path in linear_names_in_blocks(model):
             lin = model.get_submodule(path)

@@ -85,6 +85,8 @@ class TrainConfig:
     device: str = _opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK).")
     log_every: int = _opt(1, "Log (metrics.jsonl, progress bar) every N steps.")
     report_to: str = _opt("none", "Also log to: none or tensorboard (OUTPUT/tensorboard; needs tensorboard).")
+    allow_no_export: bool = _opt(False, "Train a family qdora can train and merge but not export to GGUF "
+                                        "(a warning instead of the refusal).", flag=True)
 
     def validate(self) -> TrainConfig:
         """Check every value that can be checked without reading files; raises QdoraError."""

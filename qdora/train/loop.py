@@ -32,6 +32,7 @@ from torch import nn
 
 from qdora.core.adapt import AdapterSpec, adapter_layers
 from qdora.core.adapter_io import load_adapter_tensors, peft_state_from_params, save_adapter
+from qdora.core.families import check_family
 from qdora.core.load import build_meta_model, fill_param, load_model, open_checkpoint
 from qdora.data.hub_data import RepoSelect
 from qdora.errors import QdoraError
@@ -51,7 +52,7 @@ from qdora.train.distributed import (
     shard_model,
     teardown_distributed,
 )
-from qdora.train.loss import IGNORE_INDEX, chunked_cross_entropy
+from qdora.train.loss import IGNORE_INDEX, LogitsTransform, chunked_cross_entropy
 from qdora.train.metrics import Metrics, check_tensorboard, peak_memory_gb
 from qdora.train.router_loss import router_loss_of
 
@@ -66,14 +67,16 @@ class CausalLMLoss(nn.Module):
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
+        self.transform = LogitsTransform.from_config(lm.config)  # e.g. Gemma 2's final soft-capping
         self.router_loss = router_loss_of(lm)  # MoE: transformers' load-balancing term, its coefficient
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
         if self.router_loss is None:
             hidden = self.lm.model(input_ids=input_ids, use_cache=False, **kw).last_hidden_state
-            return chunked_cross_entropy(hidden, self.lm.lm_head.weight, labels)
+            return chunked_cross_entropy(hidden, self.lm.lm_head.weight, labels, transform=self.transform)
         out = self.lm.model(input_ids=input_ids, use_cache=False, output_router_logits=True, **kw)
-        loss_sum, count = chunked_cross_entropy(out.last_hidden_state, self.lm.lm_head.weight, labels)
+        loss_sum, count = chunked_cross_entropy(out.last_hidden_state, self.lm.lm_head.weight, labels,
+                                                transform=self.transform)
         aux = self.router_loss(out.router_logits, kw.get("attention_mask"))
         return loss_sum + aux.to(loss_sum.dtype) * count.to(loss_sum.dtype), count
 
@@ -140,6 +143,7 @@ def _check_model_dir(cfg: TrainConfig, model_dir: Path):
     """Tokenizer and config exist and fit the options (before anything heavy)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    check_family(model_dir, allow_no_export=cfg.allow_no_export)  # first: before any weight or tokenizer is read
     open_checkpoint(model_dir)
     config = AutoConfig.from_pretrained(str(model_dir))
     context = getattr(config, "max_position_embeddings", None)

@@ -70,7 +70,7 @@ def test_architecture_without_targetable_modules(tiny_llama_dir, tmp_path):
     GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=448)).save_pretrained(gpt2)
     copy_tokenizer(tiny_llama_dir, gpt2)
     out = tmp_path / "out"
-    assert_refused(run(gpt2, alpaca_data(tmp_path), out), out, "no decoder block list")
+    assert_refused(run(gpt2, alpaca_data(tmp_path), out), out, "'gpt2' (GPT2LMHeadModel) is not a family qdora knows")
     assert_refused(run(tiny_llama_dir, alpaca_data(tmp_path), out, "--target", "qkv_proj"), out,
                    "no module of LlamaForCausalLM matches")
 
