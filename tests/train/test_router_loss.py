@@ -29,7 +29,7 @@ def test_loss_equals_the_models_own_loss_with_router_logits(tmp_path, family, to
     assert own.aux_loss > 0 and lm.router_aux_loss_coef == 0.01
     torch.testing.assert_close(loss_sum / count, own.loss, rtol=1e-6, atol=1e-6)
     plain = lm(input_ids=ids, labels=labels, attention_mask=mask).loss  # without the auxiliary term
-    assert abs((loss_sum / count - plain).item() - 0.01 * own.aux_loss.item()) < 1e-6
+    assert abs((loss_sum / count - plain).item() - 0.01 * own.aux_loss.item()) < 1e-5  # fp32 eps of a ~7 loss
 
 
 def test_dense_models_have_no_router_loss(tiny_llama_dir):
