@@ -183,17 +183,21 @@ def load_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@torch.no_grad()
 def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
-    """Copy an adapter's tensors into an already adapted model (each rank its rows under FSDP2); every
-    layer must be covered."""
-    tensors = load_adapter_tensors(adapter_dir)
+    """Copy an adapter folder's tensors into an already adapted model (each rank its rows under FSDP2)."""
+    fill_adapter(model, load_adapter_tensors(adapter_dir), adapter_dir)
+
+
+@torch.no_grad()
+def fill_adapter(model: nn.Module, tensors: dict[tuple[str, str], torch.Tensor], source: str | Path) -> None:
+    """Copy adapter tensors (from `load_adapter_tensors`) into an already adapted model, each rank its rows
+    under FSDP2; every layer must be covered and every shape fit (`source` names them in errors)."""
     layers = adapter_layers(model)
     missing = [(p, a) for p, layer in layers.items() for a in layer.adapter_tensors() if (p, a) not in tensors]
     unknown = [p for p, _ in tensors if p not in layers]
     if missing or unknown:
         raise QdoraError(
-            f"adapter {adapter_dir} does not fit this model: "
+            f"adapter {source} does not fit this model: "
             + (f"missing {missing[:3]}{'...' if len(missing) > 3 else ''} " if missing else "")
             + (f"no such adapted module {unknown[:3]}" if unknown else "")
         )

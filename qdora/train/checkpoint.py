@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qdora.core.adapt import AdapterSpec
-from qdora.core.adapter_io import save_adapter
+from qdora.core.adapter_io import load_adapter_tensors, save_adapter
 from qdora.errors import QdoraError
 from qdora.train.distributed import Dist
 from qdora.train.rng_state import rng_state
@@ -167,7 +167,9 @@ def _read_optimizer(path: Path) -> dict:
 
 
 def load_checkpoint(path: Path, dist_: Dist) -> dict[str, Any]:
-    """The trainer state, optimizer state and this rank's RNG state of a checkpoint (not applied yet)."""
+    """Everything a checkpoint holds, read (not applied yet): adapter tensors, trainer, optimizer and this
+    rank's RNG state. Read before the run writes anything, so a damaged or foreign checkpoint is refused
+    with nothing written."""
     if not (path / TRAINER_STATE).is_file() and any((path / name).is_file() for name in PICKLED):
         raise QdoraError(f"checkpoint {path} was written with pickle files (qdora 0.1): qdora no longer reads "
                          "pickles (loading one can run code); start a new run, or resume with the qdora "
@@ -176,4 +178,4 @@ def load_checkpoint(path: Path, dist_: Dist) -> dict[str, Any]:
     optim = _read_optimizer(path)
     rng_path = path / rng_file(dist_.rank)
     rng = _read_json(rng_path) if rng_path.is_file() else None
-    return {"trainer": trainer, "optimizer": optim, "rng": rng}
+    return {"adapter": load_adapter_tensors(path), "trainer": trainer, "optimizer": optim, "rng": rng}

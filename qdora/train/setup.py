@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from qdora.core.adapt import AdapterSpec
-from qdora.core.adapter_io import load_adapter_weights
+from qdora.core.adapter_io import fill_adapter
 from qdora.core.load import build_meta_model, load_weights, open_checkpoint
 from qdora.errors import QdoraError
 from qdora.train.checkpoint import load_checkpoint, resolve_resume
@@ -151,7 +151,7 @@ def resume(s: RunState) -> None:
     """Phase 5 (with --resume): adapter, optimizer, schedule, scaler, RNG and step of the checkpoint."""
     saved = s.resumed
     trainer = saved["trainer"]
-    load_adapter_weights(s.model, s.resume_from)
+    fill_adapter(s.model, saved["adapter"], s.resume_from)
     load_optimizer_state(s.model, s.optimizer, saved["optimizer"])
     s.scheduler.load_state_dict(trainer["scheduler"])
     if s.scaler is not None and trainer.get("scaler"):
