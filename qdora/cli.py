@@ -6,11 +6,12 @@ import logging
 
 import click
 
+from qdora.cli_errors import QdoraGroup
 from qdora.cli_options import EPILOG, train_options
 from qdora.errors import QdoraError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=QdoraGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qdora")
 def main() -> None:
     """Fine-tune LLMs with QDoRA on a frozen NF4 base, then merge and export for llama.cpp/Ollama."""
@@ -39,11 +40,8 @@ def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, targ
 
     from qdora.tools.plan import load_config, plan_memory
 
-    try:
-        result = plan_memory(load_config(model), gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
-                             micro_batch=micro_batch, method=method, offload=offload, target=target, loss=loss)
-    except QdoraError as e:
-        raise click.ClickException(str(e)) from e
+    result = plan_memory(load_config(model), gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
+                         micro_batch=micro_batch, method=method, offload=offload, target=target, loss=loss)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.report())
     if not result.fits:
         raise SystemExit(1)
@@ -65,10 +63,7 @@ def export(model_dir: str, output: str, outtype: str, modelfile: bool, quantize:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)
-    try:
-        path = export_gguf(model_dir, output, outtype=outtype.lower(), modelfile=modelfile, quantize=quantize)
-    except QdoraError as e:
-        raise click.ClickException(str(e)) from e
+    path = export_gguf(model_dir, output, outtype=outtype.lower(), modelfile=modelfile, quantize=quantize)
     click.echo(f"GGUF ready: {path}")
 
 
@@ -89,11 +84,8 @@ def train(config_file: str | None, **flags) -> None:
     logging.basicConfig(level=logging.INFO if _is_main_rank() else logging.ERROR, format="%(message)s")
     for noisy in ("httpx", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        cfg = resolve_config(read_yaml(config_file) if config_file else {}, flags)
-        result = run_training(cfg)
-    except QdoraError as e:
-        raise click.ClickException(str(e)) from e
+    cfg = resolve_config(read_yaml(config_file) if config_file else {}, flags)
+    result = run_training(cfg)
     if result.status == "interrupted":
         if _is_main_rank():
             click.echo(f"interrupted at step {result.step}: checkpoint {result.checkpoint} written; "
@@ -130,11 +122,8 @@ def merge(adapter_dir: str, output: str, base_model: str | None, dtype: str, bas
     """Merge an adapter into its base: a full-precision checkpoint that loads with plain transformers."""
     from qdora.export.merge import merge_adapter
 
-    try:
-        res = merge_adapter(adapter_dir, output, base_model=base_model, dtype=dtype, base=base_kind,
-                            shard_size=shard_size, overwrite=overwrite)
-    except QdoraError as e:
-        raise click.ClickException(str(e)) from e
+    res = merge_adapter(adapter_dir, output, base_model=base_model, dtype=dtype, base=base_kind,
+                        shard_size=shard_size, overwrite=overwrite)
     click.echo(f"merged {res.merged} adapted weights, dequantized {res.dequantized} frozen NF4 weights; "
                f"{res.total_bytes / 1e9:.2f} GB in {res.shards} shard(s) -> {res.output}")
 
@@ -161,14 +150,11 @@ def analyze(adapter_dir: str | None, finetuned: str | None, checkpoints: tuple[s
     from qdora.tools.analyze import run_analysis
     from qdora.tools.decomposition import format_table
 
-    try:
-        if more_checkpoints and not checkpoints:
-            raise QdoraError(f"unexpected arguments {' '.join(more_checkpoints)}")
-        rows, summary = run_analysis(output, adapter=adapter_dir, finetuned=finetuned,
-                                     checkpoints=[*checkpoints, *more_checkpoints], base_model=base_model,
-                                     base=base_kind)
-    except QdoraError as e:
-        raise click.ClickException(str(e)) from e
+    if more_checkpoints and not checkpoints:
+        raise QdoraError(f"unexpected arguments {' '.join(more_checkpoints)}")
+    rows, summary = run_analysis(output, adapter=adapter_dir, finetuned=finetuned,
+                                 checkpoints=[*checkpoints, *more_checkpoints], base_model=base_model,
+                                 base=base_kind)
     click.echo(format_table(summary))
     click.echo(f"{len(rows)} weights -> {output}/decomposition.csv, {output}/decomposition.png")
 

@@ -44,3 +44,51 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _mount(args: list[str]) -> bool:
+    """Run mount/umount as root, or through passwordless sudo; False when neither is possible."""
+    import subprocess
+
+    cmd = args if os.geteuid() == 0 else ["sudo", "-n", *args]
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(nbytes)` -> a folder on a real tmpfs of that size: writes beyond it fail with ENOSPC, as
+    on a full disk. Needs root or passwordless sudo (CI has it); skipped where neither exists."""
+    mounts: list[Path] = []
+
+    def make(nbytes: int, name: str = "disk") -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        if not _mount(["mount", "-t", "tmpfs", "-o", f"size={nbytes},uid={os.getuid()},gid={os.getgid()}",
+                       "tmpfs", str(path)]):
+            pytest.skip("a small tmpfs needs root or passwordless sudo")
+        mounts.append(path)
+        return path
+
+    yield make
+    for path in mounts:
+        _mount(["umount", str(path)])
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A folder this process cannot write into: a read-only tmpfs when we are root (root ignores permission
+    bits), else a folder with mode 0555. Returns (folder, the words the error should use)."""
+    path = tmp_path / "locked"
+    path.mkdir()
+    if os.geteuid() == 0:
+        if not _mount(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)]):
+            pytest.skip("cannot mount a read-only tmpfs")
+        yield path, "read-only"
+        _mount(["umount", str(path)])
+    else:
+        path.chmod(0o555)
+        yield path, "permission denied"
+        path.chmod(0o755)

@@ -2,6 +2,8 @@
 
 Every check runs before the output is opened; the file is written under a temporary name in the target
 folder and renamed at the very end, so a failed or interrupted export never leaves a partial GGUF.
+Before writing, the output folder must be writable and hold the GGUF and every requested quantization
+(sizes from the tensor table: `gguf_size`); a disk that fills up anyway gives the same one message.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from pathlib import Path
 
 import gguf
 
-from qdora.errors import QdoraError
+from qdora.errors import QdoraError, doing
 from qdora.export.gguf_config import ModelSpec, read_spec, write_hparams
+from qdora.export.gguf_size import gguf_bytes, quantized_bytes
 from qdora.export.gguf_tensors import OUTTYPES, TensorPlan, add_tensor_infos, plan_tensors, write_tensor_data
 from qdora.export.gguf_tokenizer import VocabInfo, read_vocab, write_vocab
 from qdora.export.llamacpp_quantize import llama_ftype, quantize_gguf, quantized_path
 from qdora.export.modelfile import chat_format, write_modelfile
 from qdora.io.atomic import atomic_write
+from qdora.io.os_errors import writing
+from qdora.io.preflight import check_output
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +56,25 @@ def export_gguf(
     if modelfile:
         chat_format(vocab)  # fail now, not after the weights are written
     plans = plan_tensors(spec, outtype)
+    size = gguf_bytes(plans)
+    sizes = {qtype: quantized_bytes(plans, qtype) for qtype in qtypes}
+    what = "the GGUF file" + (f" and its {', '.join(qtypes)} quantization" if qtypes else "")
+    check_output(output_path, size + sum(sizes.values()), what)
 
-    _write_atomically(output_path, spec, vocab, plans, outtype)
+    with writing(output_path, "the GGUF file", size), doing(f"writing {output_path}"):
+        _write_atomically(output_path, spec, vocab, plans, outtype)
     log.info("wrote %s", output_path)
     final = output_path
     for i, qtype in enumerate(qtypes):
-        path = quantize_gguf(output_path, quantized_path(output_path, qtype), qtype)
+        target = quantized_path(output_path, qtype)
+        with writing(target, f"the {qtype} GGUF file", sizes[qtype]), doing(f"quantizing to {qtype}"):
+            path = quantize_gguf(output_path, target, qtype)
         log.info("wrote %s", path)
         if i == 0:
             final = path
     if modelfile:
-        log.info("wrote %s", write_modelfile(final, vocab))
+        with writing(final.parent / "Modelfile", "the Ollama Modelfile"):
+            log.info("wrote %s", write_modelfile(final, vocab))
     return final
 
 

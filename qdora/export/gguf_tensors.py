@@ -166,8 +166,9 @@ def write_tensor_data(
                 data = p.data if source is None else source[rows].float().numpy()
                 if p.permute_heads:
                     data = permute_rotary(data, p.permute_heads)
-                encoded = _encode(data, p.qtype)
-                encoded.tofile(fout)
+                encoded = np.ascontiguousarray(_encode(data, p.qtype))
+                fout.write(encoded.data)  # a Python write: a full disk raises OSError(ENOSPC), not numpy's
+                # errno-less "N requested and M written"
                 written += encoded.nbytes
         if written != p.nbytes:
             raise AssertionError(f"{p.name}: wrote {written} bytes, planned {p.nbytes}")

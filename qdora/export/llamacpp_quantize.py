@@ -4,11 +4,14 @@ hand-written one would drift from what llama.cpp decodes."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from pathlib import Path
 
 from qdora.errors import QdoraError
 from qdora.io.atomic import atomic_write
+from qdora.io.os_errors import NEARLY_FULL
+from qdora.io.preflight import free_bytes
 
 INSTALL_HINT = "install it with scripts/install_llamacpp.sh (or `pip install llama-cpp-python`)"
 
@@ -47,6 +50,9 @@ def quantize_gguf(src: Path, dst: Path, qtype: str) -> Path:
     def write(tmp: Path) -> None:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
+            free = free_bytes(tmp)
+            if free is not None and free < NEARLY_FULL:  # llama.cpp reports no errno: ask the disk
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
             raise QdoraError(f"llama.cpp failed to quantize {src} to {qtype} (return code {rc})")
 
     return atomic_write(dst, write)

@@ -5,12 +5,15 @@ Each decoder-block linear W becomes W' = m ⊙ (Ŵ + s·B·A) / ||Ŵ + s·B·A||
 so the merged model computes what the trained model computed. `base="original"` merges onto the
 checkpoint's full-precision W instead. The base is read one tensor at a time and written in shards, so
 peak memory is about one output shard plus one layer. Output goes to a temporary folder next to the
-destination, renamed at the end: an error leaves nothing behind.
+destination, renamed at the end: an error leaves nothing behind, and an older output being replaced
+stays in place until the new one is complete. Before anything is written the output folder must be
+writable and have room for the whole output, computed from the base's tensor shapes and the dtype.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -18,9 +21,11 @@ from pathlib import Path
 
 import torch
 
-from qdora.errors import QdoraError
+from qdora.errors import QdoraError, doing
 from qdora.export.adapter_merge import BASES, AdapterMerge, edited_config
-from qdora.io.weights import INDEX, SINGLE, WEIGHT_SUFFIXES, ShardedWriter, parse_size
+from qdora.io.os_errors import writing
+from qdora.io.preflight import check_output
+from qdora.io.weights import INDEX, SINGLE, WEIGHT_SUFFIXES, ShardedWriter, WeightReader, parse_size
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -39,6 +44,25 @@ def parse_dtype(name: str) -> torch.dtype:
     if name.lower() not in DTYPES:
         raise QdoraError(f"unknown dtype {name!r}: choose bf16, fp16 or fp32")
     return DTYPES[name.lower()]
+
+
+# bytes per element of the safetensors dtypes that are not floating point (kept as they are by a merge)
+_ITEMSIZE = {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# safetensors header bytes per tensor (name, dtype, shape, offsets as JSON), generously
+_HEADER_PER_TENSOR = 256
+
+
+def output_bytes(reader: WeightReader, base_dir: Path, dtype: torch.dtype) -> int:
+    """Bytes `merge_adapter` will write: every tensor of the base (floating ones in `dtype`), the
+    safetensors headers and index, and the side files copied from the base folder."""
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for shape, dt in reader.headers().values():
+        is_float = dt.startswith(("F", "BF"))
+        total += math.prod(shape) * (size if is_float else _ITEMSIZE.get(dt, 8)) + _HEADER_PER_TENSOR
+    side = sum(f.stat().st_size for f in base_dir.iterdir()
+               if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != INDEX)
+    return total + side + 2 * _HEADER_PER_TENSOR * len(reader.files)
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
@@ -64,9 +88,14 @@ def _publish(tmp: Path, output: Path) -> None:
     if output.exists():
         old = output.with_name(f".{output.name}.old-{os.getpid()}")
         output.rename(old)
-    tmp.rename(output)
+    try:
+        tmp.rename(output)
+    except BaseException:
+        if old is not None:  # put the old output back: a failed merge loses nothing
+            old.rename(output)
+        raise
     if old is not None:
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def merge_adapter(
@@ -86,28 +115,33 @@ def merge_adapter(
     output = Path(output)
     _check_output(output, overwrite)
     plan = AdapterMerge.load(adapter_dir, base_model)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    needed = output_bytes(plan.reader, plan.base_dir, out_dtype)
+    check_output(output, needed, "the merged model")
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        writer = ShardedWriter(tmp, shard_bytes)
-        merged = dequantized = 0
-        for key, tensor in plan.reader.items():
-            if key in plan.linear_keys:
-                w = plan.merged(key, plan.base_weight(key, tensor, base))
-                merged += key in plan.adapters
-                dequantized += key not in plan.adapters and base == "dequantized"
-                tensor = w
-            if tensor.is_floating_point():
-                tensor = tensor.to(out_dtype)
-            writer.add(key, tensor)
-            del tensor
-        shards = writer.close()
-        _copy_side_files(plan.base_dir, tmp, out_dtype)
-        _publish(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(output, "the merged model", needed):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            writer = ShardedWriter(tmp, shard_bytes)
+            merged = dequantized = 0
+            for key, tensor in plan.reader.items():
+                with doing(f"merging {key}"):
+                    if key in plan.linear_keys:
+                        w = plan.merged(key, plan.base_weight(key, tensor, base))
+                        merged += key in plan.adapters
+                        dequantized += key not in plan.adapters and base == "dequantized"
+                        tensor = w
+                    if tensor.is_floating_point():
+                        tensor = tensor.to(out_dtype)
+                    writer.add(key, tensor)
+                    del tensor
+            with doing("writing the last shard and the side files"):
+                shards = writer.close()
+                _copy_side_files(plan.base_dir, tmp, out_dtype)
+                _publish(tmp, output)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return MergeResult(output, merged, dequantized, len(shards), writer.total_bytes)

@@ -86,6 +86,17 @@ class WeightReader:
         with safe_open(str(self.files[key]), framework="pt") as f:
             return tuple(f.get_slice(key).get_shape())
 
+    def headers(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, safetensors dtype such as "BF16"), from the file headers only (no tensor data)."""
+        out = {}
+        for path in dict.fromkeys(self.files.values()):
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    if self.files.get(k) == path:
+                        s = f.get_slice(k)
+                        out[k] = (tuple(s.get_shape()), s.get_dtype())
+        return out
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) one at a time. Each tensor gets its own short-lived memory map: a map held open
         across a whole shard keeps every page read so far resident (RSS grows to the shard's size)."""

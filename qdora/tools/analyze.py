@@ -24,6 +24,8 @@ from qdora.core.nf4 import nf4_from_weight
 from qdora.errors import QdoraError
 from qdora.export.adapter_merge import BASES, AdapterMerge, block_linear_keys
 from qdora.io.atomic import atomic_write
+from qdora.io.os_errors import writing
+from qdora.io.preflight import check_writable
 from qdora.io.weights import WeightReader, is_model_dir
 from qdora.tools.analyze_plot import plot_rows
 from qdora.tools.decomposition import ModuleSummary, Row, decomposition_change, summarize
@@ -134,6 +136,10 @@ def run_analysis(
     if len(given) != 1:
         raise QdoraError("give exactly one of --adapter, --finetuned, --checkpoints"
                          + (f" (got {', '.join(given)})" if given else ""))
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise QdoraError(f"output {out} exists and is not a folder")
+    check_writable(out, "the analysis (CSV and plot)")
     if adapter:
         rows = analyze_adapter(adapter, base_model, base or "dequantized")
     elif finetuned:
@@ -142,11 +148,9 @@ def run_analysis(
         rows = analyze_finetuned(finetuned, base_model, base or "original")
     else:
         rows = analyze_checkpoints(list(checkpoints), base_model, base or "dequantized")
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise QdoraError(f"output {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / CSV_NAME)
     summary = summarize(rows)
-    plot_rows(rows, summary, out / PNG_NAME)
+    with writing(out, "the analysis (CSV and plot)"):
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(rows, out / CSV_NAME)
+        plot_rows(rows, summary, out / PNG_NAME)
     return rows, summary

@@ -22,6 +22,7 @@ from qdora.cli import main
 from qdora.errors import QdoraError
 from qdora.export.gguf_export import export_gguf
 from qdora.export.gguf_tensors import permute_rotary, unpermute_rotary
+from qdora.io.failures import WriteFailure
 from qdora.testing.family_cases import LLAMA3_ROPE, build_case
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -315,7 +316,7 @@ def test_failure_while_writing_leaves_no_partial_file(models, tmp_path, monkeypa
     out = tmp_path / "m.gguf"
     out.write_bytes(b"previous export")
     monkeypatch.setattr(export_mod, "write_tensor_data", fail_midway)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(WriteFailure, match=f"cannot write the GGUF file to {out}: no space left on the device"):
         export_gguf(models["llama"], out)
     assert out.read_bytes() == b"previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
