@@ -9,6 +9,7 @@ import click
 from qdora.cli_errors import QdoraGroup
 from qdora.cli_options import EPILOG, train_options
 from qdora.errors import QdoraError
+from qdora.options import BASE, DTYPE, EMBEDDINGS, LM_HEAD, LOSS, METHOD, OFFLOAD, OPTIM, TRAIN_ADAPTER_DTYPE
 
 
 @click.group(cls=QdoraGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,30 +19,42 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model", required=True, help="model folder (config.json), a config.json file, or a preset "
-              "(llama-3-70b, llama-3-8b, llama-3.2-1b)")
+@click.option("--model", required=True, help="model folder (config.json), a config.json file, a preset "
+              "(llama-3-70b, llama-3-8b, llama-3.2-1b), or a Hub id org/name (fetches config.json only)")
+@click.option("--revision", default=None, help="Hub branch, tag or commit of --model [default: main]")
 @click.option("--gpus", type=int, default=1, show_default=True, help="ranks sharing the model with FSDP2")
 @click.option("--gpu-mem", type=float, default=24.0, show_default=True, help="memory per GPU in GiB")
 @click.option("--seq-len", type=int, default=2048, show_default=True)
 @click.option("--rank", type=int, default=16, show_default=True)
 @click.option("--micro-batch", type=int, default=1, show_default=True)
-@click.option("--method", type=click.Choice(["dora", "lora"]), default="dora", show_default=True)
-@click.option("--offload", type=click.Choice(["none", "activations", "params", "all"]), default="none",
-              show_default=True)
-@click.option("--target", default="all-linear", show_default=True, help="all-linear or q_proj,v_proj,...")
-@click.option("--loss", type=click.Choice(["chunked", "full"]), default="chunked", show_default=True)
+@click.option("--method", default="dora", show_default=True, metavar=METHOD.metavar)
+@click.option("--offload", default="none", show_default=True, metavar=OFFLOAD.metavar)
+@click.option("--target", default="all-linear", show_default=True,
+              help="all-linear, names (q_proj,v_proj), or a regex on module paths (as qdora train)")
+@click.option("--loss", default="chunked", show_default=True, metavar=LOSS.metavar)
+@click.option("--lm-head", default="dense", show_default=True, metavar=LM_HEAD.metavar)
+@click.option("--embeddings", default="host", show_default=True, metavar=EMBEDDINGS.metavar)
+@click.option("--adapter-dtype", default="fp32", show_default=True, metavar=TRAIN_ADAPTER_DTYPE.metavar)
+@click.option("--optim", default="adamw", show_default=True, metavar=OPTIM.metavar)
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
-def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, as_json) -> None:
+@click.option("--allow-no-export", is_flag=True, help="plan a family qdora trains but cannot export to GGUF")
+def plan(model, revision, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, lm_head,
+         embeddings, adapter_dtype, optim, as_json, allow_no_export) -> None:
     """Per-GPU memory of a QDoRA run, whether it fits, and the cheapest settings that make it fit.
 
     Exit status 0 when it fits, 1 when it does not (the report then names the settings that would fit).
     """
     import json
 
+    from qdora.core.families import check_family
     from qdora.tools.plan import load_config, plan_memory
 
-    result = plan_memory(load_config(model), gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
-                         micro_batch=micro_batch, method=method, offload=offload, target=target, loss=loss)
+    config = load_config(model, revision)
+    if isinstance(config, dict):  # a model's config.json (presets are Llama shapes)
+        check_family(config, ("train", "export"), allow_no_export, command="qdora plan")
+    result = plan_memory(config, gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
+                         micro_batch=micro_batch, method=method, offload=offload, target=target, loss=loss,
+                         lm_head=lm_head, embeddings=embeddings, adapter_dtype=adapter_dtype, optim=optim)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.report())
     if not result.fits:
         raise SystemExit(1)
@@ -107,23 +120,24 @@ def _is_main_rank() -> bool:
 @click.option("--output", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Folder to write the merged Hugging Face model to.")
 @click.option("--base-model", default=None, type=click.Path(path_type=str),
-              help="Full-precision base model folder [default: the adapter's base_model_name_or_path].")
-@click.option("--dtype", default="bf16", show_default=True, metavar="bf16|fp16|fp32", help="Output weight dtype.")
-@click.option("--base", "base_kind", default="dequantized", show_default=True,
-              type=click.Choice(["dequantized", "original"]),
+              help="Full-precision base model: a folder or a Hub id org/name [default: the adapter's "
+                   "base_model_name_or_path, at the revision it was trained on].")
+@click.option("--revision", default=None, help="Hub branch, tag or commit of --base-model [default: main].")
+@click.option("--dtype", default="bf16", show_default=True, metavar=DTYPE.metavar, help="Output weight dtype.")
+@click.option("--base", "base_kind", default="dequantized", show_default=True, metavar=BASE.metavar,
               help="dequantized: merge onto the NF4 round trip of the base, the weights training saw (untargeted "
                    "block linears are written dequantized too), so the merged model is the trained model. "
                    "original: merge onto the full-precision base; untouched directions keep full precision, but "
                    "it is not the function that was trained (the magnitude was learned against the NF4 norms).")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard (e.g. 500MB, 5GB).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUTPUT folder.")
-def merge(adapter_dir: str, output: str, base_model: str | None, dtype: str, base_kind: str, shard_size: str,
-          overwrite: bool) -> None:
+def merge(adapter_dir: str, output: str, base_model: str | None, revision: str | None, dtype: str, base_kind: str,
+          shard_size: str, overwrite: bool) -> None:
     """Merge an adapter into its base: a full-precision checkpoint that loads with plain transformers."""
     from qdora.export.merge import merge_adapter
 
     res = merge_adapter(adapter_dir, output, base_model=base_model, dtype=dtype, base=base_kind,
-                        shard_size=shard_size, overwrite=overwrite)
+                        shard_size=shard_size, overwrite=overwrite, revision=revision)
     click.echo(f"merged {res.merged} adapted weights, dequantized {res.dequantized} frozen NF4 weights; "
                f"{res.total_bytes / 1e9:.2f} GB in {res.shards} shard(s) -> {res.output}")
 
@@ -138,7 +152,7 @@ def merge(adapter_dir: str, output: str, base_model: str | None, dtype: str, bas
                    "`--checkpoints run/checkpoint-*` works unquoted.")
 @click.option("--base-model", default=None, type=click.Path(path_type=str),
               help="Base model folder [default for adapters: the adapter's base_model_name_or_path].")
-@click.option("--base", "base_kind", default=None, type=click.Choice(["dequantized", "original"]),
+@click.option("--base", "base_kind", default=None, metavar=BASE.metavar,
               help="W to compare against: the NF4 round trip training saw (default for adapters) or the "
                    "full-precision weights (default for --finetuned).")
 @click.option("--output", required=True, type=click.Path(file_okay=False, path_type=str),

@@ -62,12 +62,19 @@ def _module_path(key: str) -> str:
     raise QdoraError(f"unexpected adapter key {key!r}")
 
 
-def peft_config_dict(spec: AdapterSpec, target_names: list[str], base_model: str | None) -> dict:
-    """The adapter_config.json PEFT expects (only fields we set; PEFT fills its defaults)."""
+def peft_config_dict(spec: AdapterSpec, target_names: list[str], base_model: str | None,
+                     provenance: dict | None = None) -> dict:
+    """The adapter_config.json PEFT expects (only fields we set; PEFT fills its defaults).
+
+    `provenance` ({"model": {"name", "revision"}, "data": ...}) is what the run was trained on: the base
+    model's Hub commit goes into PEFT's own `revision` field (PeftModel.from_pretrained then loads that
+    commit of the base), the whole record into qdora's own `qdora_adapter.json` (`qdora_record`).
+    """
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
+        "revision": ((provenance or {}).get("model") or {}).get("revision"),
         "r": int(spec.r),
         "lora_alpha": spec.alpha,
         "lora_dropout": float(spec.dropout),
@@ -82,28 +89,33 @@ def peft_config_dict(spec: AdapterSpec, target_names: list[str], base_model: str
     }
 
 
-def qdora_record(spec: AdapterSpec) -> dict:
-    """qdora's own record of how the base was quantized (`qdora_adapter.json`; PEFT does not read it)."""
-    return {"method": spec.method, "double_quant": spec.double_quant, "quant_type": "nf4",
-            "blocksize": BLOCKSIZE, "adapter_dtype": spec.adapter_dtype}
+def qdora_record(spec: AdapterSpec, provenance: dict | None = None) -> dict:
+    """qdora's own record of how the base was quantized and what the run read (`qdora_adapter.json`: PEFT
+    warns about unknown keys in its config, so they are not there)."""
+    own = {"method": spec.method, "double_quant": spec.double_quant, "quant_type": "nf4",
+           "blocksize": BLOCKSIZE, "adapter_dtype": spec.adapter_dtype}
+    if provenance:
+        own["provenance"] = provenance
+    return own
 
 
 def save_adapter(
     model: nn.Module, out_dir: str | Path, spec: AdapterSpec, base_model: str | None = None,
-    state: dict[str, torch.Tensor] | None = None,
+    state: dict[str, torch.Tensor] | None = None, provenance: dict | None = None,
 ) -> Path:
     """Write the adapter in PEFT format (+ qdora_adapter.json); `state` (from `adapter_state_dict`, e.g.
-    gathered on every rank of an FSDP2 run) replaces reading the model."""
+    gathered on every rank of an FSDP2 run) replaces reading the model; `provenance` records the model/data
+    revisions (see `peft_config_dict`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model) if state is None else state
     if not state:
         raise QdoraError("the model has no QDoRA layers: nothing to save")
     targets = sorted({_module_path(k).rsplit(".", 1)[-1] for k in state})
-    config = peft_config_dict(spec, targets, base_model)
+    config = peft_config_dict(spec, targets, base_model, provenance)
     atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-    record = qdora_record(spec)
+    record = qdora_record(spec, provenance)
     atomic_write(out / QDORA_NAME, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
     return out
 

@@ -74,8 +74,9 @@ def resolve_resume(output: str | Path, resume: str) -> Path:
 
 # --- writing: each step of a checkpoint is one function (the crash tests stop a run at each of them) ---
 
-def _write_adapter(tmp: Path, spec: AdapterSpec, adapter_state: dict[str, torch.Tensor], base_model: str) -> None:
-    save_adapter(None, tmp, spec, base_model=base_model, state=adapter_state)
+def _write_adapter(tmp: Path, spec: AdapterSpec, adapter_state: dict[str, torch.Tensor], base_model: str,
+                   provenance: dict | None) -> None:
+    save_adapter(None, tmp, spec, base_model=base_model, state=adapter_state, provenance=provenance)
 
 
 def _write_optimizer(tmp: Path, optimizer_state: dict) -> None:
@@ -109,6 +110,7 @@ def _publish(tmp: Path, final: Path) -> None:
 def save_checkpoint(
     output: str | Path, step: int, dist_: Dist, spec: AdapterSpec, adapter_state: dict[str, torch.Tensor],
     optimizer_state: dict, trainer_state: dict[str, Any], base_model: str, keep: int,
+    provenance: dict | None = None,
 ) -> Path:
     """Write checkpoint-STEP atomically (collective: every rank calls it), then prune to the last `keep`."""
     out = Path(output)
@@ -118,7 +120,7 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        _write_adapter(tmp, spec, adapter_state, base_model)
+        _write_adapter(tmp, spec, adapter_state, base_model, provenance)
         _write_optimizer(tmp, optimizer_state)
         _write_trainer(tmp, {**trainer_state, "step": step, "world_size": dist_.world_size})
     dist_.barrier()

@@ -14,16 +14,25 @@ from typing import Any
 import yaml
 
 from qdora.errors import QdoraError
+from qdora.options import (
+    DATA_FORMAT,
+    DTYPE,
+    METHOD,
+    OFFLOAD,
+    REPORT_TO,
+    SCHEDULER,
+    offloads_activations,
+    offloads_params,
+    parse_target,
+    torch_dtype,
+)
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-CHOICES = {
-    "method": ("dora", "lora"),
-    "scheduler": ("cosine", "linear", "constant"),
-    "format": ("auto", "text", "alpaca", "chat"),
-    "offload": ("none", "activations", "params", "all"),
-    "dtype": tuple(DTYPES),
-    "report_to": ("none", "tensorboard"),
-}
+# The options of TrainConfig that take one of a fixed set of values (qdora/options.py checks them).
+CHOICES = {"method": METHOD, "scheduler": SCHEDULER, "format": DATA_FORMAT, "offload": OFFLOAD, "dtype": DTYPE,
+           "report_to": REPORT_TO}
+
+
+RESOLVED_KEY = "resolved"  # train_config.yaml's record of resolved revisions; not an option
 
 
 def _opt(default: Any, help: str, **extra) -> Any:
@@ -34,8 +43,14 @@ def _opt(default: Any, help: str, **extra) -> Any:
 class TrainConfig:
     """Options of one training run (names are the CLI flags with dashes turned into underscores)."""
 
-    model: str = _opt(None, "Base model folder: config.json, tokenizer, safetensors (single or index-sharded).")
-    data: str = _opt(None, "Training data: a file (json/jsonl/parquet/csv/txt), a folder of them, or save_to_disk.")
+    model: str = _opt(None, "Base model: a folder (config.json, tokenizer, safetensors, single or index-sharded) "
+                            "or a Hub id org/name (downloaded to the HF cache; a local folder wins).")
+    revision: str = _opt(None, "Hub branch, tag or commit of --model (default: main).")
+    data: str = _opt(None, "Training data: a file (json/jsonl/parquet/csv/txt), a folder of them, save_to_disk, "
+                           "or a dataset repository (Hub id org/name, or a folder laid out like one).")
+    data_split: str = _opt("train", "Split of a dataset repository --data.")
+    data_config: str = _opt(None, "Config (subset) name of a dataset repository --data (and of --eval-split).")
+    data_revision: str = _opt(None, "Hub branch, tag or commit of a dataset --data (and of --eval-split).")
     output: str = _opt(None, "Run folder: final adapter (PEFT format), checkpoints, metrics.jsonl, config.")
     method: str = _opt("dora", "Adapter: dora (QDoRA) or lora (QLoRA).")
     rank: int = _opt(16, "Adapter rank r.")
@@ -57,6 +72,8 @@ class TrainConfig:
     format: str = _opt("auto", "Data format: auto, text, alpaca or chat.")
     completion_only: bool = _opt(False, "Train only on responses (alpaca output / assistant turns).", flag=True)
     eval_data: str = _opt(None, "Held-out data, prepared like --data; eval loss goes to metrics.jsonl.")
+    eval_split: str = _opt(None, "Split for evaluation: of --eval-data if it is a dataset repository (default: "
+                                 "train), else of --data's repository (e.g. test).")
     eval_every: int = _opt(None, "Evaluate every N steps (default: only at the end, when --eval-data is set).")
     save_every: int = _opt(None, "Write OUTPUT/checkpoint-STEP every N steps (default: never, only the final adapter).")
     keep: int = _opt(2, "Keep only the last K checkpoints (0 keeps all).")
@@ -68,21 +85,25 @@ class TrainConfig:
     device: str = _opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK).")
     log_every: int = _opt(1, "Log (metrics.jsonl, progress bar) every N steps.")
     report_to: str = _opt("none", "Also log to: none or tensorboard (OUTPUT/tensorboard; needs tensorboard).")
+    allow_no_export: bool = _opt(False, "Train a family qdora can train and merge but not export to GGUF "
+                                        "(a warning instead of the refusal).", flag=True)
 
     def validate(self) -> TrainConfig:
         """Check every value that can be checked without reading files; raises QdoraError."""
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise QdoraError(f"--{name.replace('_', '-')} is required")
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise QdoraError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                                 f"not {getattr(self, name)!r}")
+        for name, choice in CHOICES.items():
+            choice.check(getattr(self, name))
+        parse_target(self.target)
         positive = ("rank", "epochs", "seq_len", "micro_batch", "grad_accum", "log_every")
         for name in positive + ("max_steps", "eval_every", "save_every"):
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise QdoraError(f"--{name.replace('_', '-')} must be a positive integer, not {value}")
+        if self.eval_split is not None and self.eval_data is None and self.eval_split == self.data_split:
+            raise QdoraError(f"--eval-split {self.eval_split} is the training split --data-split: "
+                             "choose a held-out split")
         if self.keep < 0:
             raise QdoraError(f"--keep must be >= 0, not {self.keep}")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
@@ -93,15 +114,26 @@ class TrainConfig:
 
     @property
     def torch_dtype(self):
-        import torch
+        return torch_dtype(self.dtype)
 
-        return getattr(torch, DTYPES[self.dtype])
+    @property
+    def offload_params(self) -> bool:
+        return offloads_params(self.offload)
+
+    @property
+    def offload_activations(self) -> bool:
+        return offloads_activations(self.offload)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, resolved: dict[str, Any] | None = None) -> str:
+        """The options; `resolved` (what names resolved to: Hub commits) goes under `resolved:`, which
+        `read_yaml` skips, so the file can be given back as --config."""
+        out = self.to_dict()
+        if resolved:
+            out[RESOLVED_KEY] = resolved
+        return yaml.safe_dump(out, sort_keys=False)
 
 
 def option_fields() -> list:
@@ -124,6 +156,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     out = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
+        if name == RESOLVED_KEY:
+            continue
         if name not in known:
             raise QdoraError(f"{path}: unknown option {key!r}")
         out[name] = value

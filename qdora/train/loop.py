@@ -82,7 +82,7 @@ class _Stop:
 def train(cfg: TrainConfig) -> TrainResult:
     """Run `qdora train` with a resolved config (see `qdora.train.config`). Raises QdoraError on bad input."""
     cfg.validate()
-    d = setup_distributed(cfg.device, cfg.offload in ("params", "all"))
+    d = setup_distributed(cfg.device, cfg.offload_params)
     try:
         return _run(cfg, d)
     except torch.OutOfMemoryError as e:
@@ -103,7 +103,7 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
         _lock(lock, d)
         setup_model(s)
         if d.main:
-            (s.out / "train_config.yaml").write_text(cfg.to_yaml())
+            (s.out / "train_config.yaml").write_text(cfg.to_yaml(resolved=s.provenance))
         d.barrier()
         setup_optimizer(s)
         torch.manual_seed(cfg.seed + d.rank)  # dropout masks (a resumed run restores the saved generators)
@@ -158,7 +158,8 @@ def _loop(s: RunState) -> TrainResult:
             result.losses[s.step] = done.loss
             window_tokens += done.input_tokens
             extra = {}
-            if cfg.eval_data and (cfg.eval_every and s.step % cfg.eval_every == 0 or s.step == s.total_steps):
+            if s.eval_batches is not None and (cfg.eval_every and s.step % cfg.eval_every == 0
+                                               or s.step == s.total_steps):
                 extra["eval_loss"] = evaluate(s)
             if s.step % cfg.log_every == 0 or s.step == s.total_steps or extra:
                 now = time.perf_counter()

@@ -21,7 +21,7 @@ def save(s: RunState) -> Path:
     trainer = {"scheduler": s.scheduler.state_dict(), "data": s.batches.state_dict(),
                "scaler": s.scaler.state_dict() if s.scaler is not None else None, "config": s.cfg.to_dict()}
     s.last_checkpoint = save_checkpoint(s.out, s.step, s.dist, s.spec, adapter, optimizer, trainer, s.base_model,
-                                        s.cfg.keep)
+                                        s.cfg.keep, s.provenance)
     return s.last_checkpoint
 
 
@@ -29,5 +29,5 @@ def save_final(s: RunState) -> None:
     """The trained adapter in PEFT format, in OUTPUT itself."""
     adapter = adapter_state_dict(s.model)
     if s.dist.main:
-        save_adapter(None, s.out, s.spec, base_model=s.base_model, state=adapter)
+        save_adapter(None, s.out, s.spec, base_model=s.base_model, state=adapter, provenance=s.provenance)
     s.dist.barrier()

@@ -15,8 +15,11 @@ import torch
 
 from qdora.core.adapt import AdapterSpec
 from qdora.core.adapter_io import fill_adapter
+from qdora.core.families import check_family
 from qdora.core.load import build_meta_model, load_weights, open_checkpoint
+from qdora.data.hub_data import RepoSelect
 from qdora.errors import QdoraError
+from qdora.io.hub import looks_like_repo_id, resolve_model
 from qdora.train.checkpoint import load_checkpoint, resolve_resume
 from qdora.train.config import TrainConfig
 from qdora.train.distributed import (
@@ -48,13 +51,11 @@ def _check_output(cfg: TrainConfig) -> Path | None:
     return None
 
 
-def _load_tokenizer(cfg: TrainConfig):
+def _load_tokenizer(cfg: TrainConfig, model_dir: Path):
     """Tokenizer and config exist and fit the options (before anything heavy)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    model_dir = Path(cfg.model)
-    if not model_dir.is_dir():
-        raise QdoraError(f"--model {cfg.model}: no such folder")
+    check_family(model_dir, allow_no_export=cfg.allow_no_export)  # first: before any weight or tokenizer is read
     open_checkpoint(model_dir)
     config = AutoConfig.from_pretrained(str(model_dir))
     context = getattr(config, "max_position_embeddings", None)
@@ -74,29 +75,52 @@ def check_inputs(cfg: TrainConfig, d: Dist) -> tuple[RunState, object]:
     if cfg.report_to == "tensorboard":
         check_tensorboard()
     resume_from = _check_output(cfg)
-    tokenizer = _load_tokenizer(cfg)
+    model = resolve_model(cfg.model, cfg.revision)
+    tokenizer = _load_tokenizer(cfg, model.path)
     spec = AdapterSpec(method=cfg.method, r=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout,
                        target=cfg.target, adapter_dtype="float32")
-    build_meta_model(cfg.model, spec, compute)  # architecture, targets, NF4 block size: refused before loading
-    state = RunState(cfg, d, spec, compute, Path(cfg.output), str(Path(cfg.model).resolve()), resume_from)
+    build_meta_model(model.path, spec, compute)  # architecture, targets, NF4 block size: refused before loading
+    # adapter_config.json's base_model_name_or_path: a Hub id or a folder's path
+    state = RunState(cfg, d, spec, compute, Path(cfg.output), model.path, model.name, resume_from)
+    state.provenance = {"model": model.record()}
     return state, tokenizer
 
 
-def _prepare(cfg: TrainConfig, tokenizer, path: str):
+def _prepare(cfg: TrainConfig, tokenizer, path: str, select: RepoSelect):
     from qdora.data.prepare import prepare_data
 
-    if not Path(path).exists():
-        raise QdoraError(f"data path {path} does not exist")
+    if not Path(path).exists() and not ("/" in path and looks_like_repo_id(path)):
+        raise QdoraError(f"data path {path} does not exist (nor is it a Hub dataset id org/name)")
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         raise QdoraError(f"data file {path} is empty")
-    return prepare_data(path, tokenizer, cfg.seq_len, cfg.format, cfg.completion_only, cfg.packing)
+    return prepare_data(path, tokenizer, cfg.seq_len, cfg.format, cfg.completion_only, cfg.packing, select=select)
+
+
+def _data_selects(cfg: TrainConfig) -> tuple[RepoSelect, tuple[str, RepoSelect] | None]:
+    """What --data and the evaluation read: --eval-data (at --eval-split, default train), or --data's
+    repository at --eval-split."""
+    train = RepoSelect(cfg.data_split, cfg.data_config, cfg.data_revision)
+    if cfg.eval_data:
+        return train, (cfg.eval_data, RepoSelect(cfg.eval_split or "train"))
+    if cfg.eval_split:
+        return train, (cfg.data, RepoSelect(cfg.eval_split, cfg.data_config, cfg.data_revision))
+    return train, None
+
+
+def _data_record(path: str, select: RepoSelect, data) -> dict:
+    """What a data source resolved to, for train_config.yaml and the adapter's metadata."""
+    commits = {c for c in data.stats.revisions.values() if c}
+    return {"name": path, "split": select.split, "config": select.config,
+            "revision": commits.pop() if len(commits) == 1 else None}
 
 
 def setup_data(s: RunState, tokenizer) -> None:
     """Phase 2: tokenized data, the number of steps, the batch iterators; a resumed run's saved state is read
     here (and its data position checked) before anything is written."""
     cfg, d = s.cfg, s.dist
-    s.data = _prepare(cfg, tokenizer, cfg.data)
+    train_select, eval_source = _data_selects(cfg)
+    s.data = _prepare(cfg, tokenizer, cfg.data, train_select)
+    s.provenance["data"] = _data_record(cfg.data, train_select, s.data)
     steps_per_epoch = max(1, len(s.data.rows) // (cfg.micro_batch * d.world_size))  # 0: the iterator refuses
     if cfg.max_steps:
         s.total_steps = cfg.max_steps
@@ -106,8 +130,9 @@ def setup_data(s: RunState, tokenizer) -> None:
         s.total_steps = math.ceil(steps_per_epoch * epochs / cfg.grad_accum)
     s.batches = s.data.batches(cfg.micro_batch, epochs, cfg.seed, True, d.rank, d.world_size)
     s.eval_batches = None
-    if cfg.eval_data:
-        eval_data = _prepare(cfg, tokenizer, cfg.eval_data)
+    if eval_source:
+        eval_data = _prepare(cfg, tokenizer, *eval_source)
+        s.provenance["eval_data"] = _data_record(*eval_source, eval_data)
         s.eval_batches = eval_data.batches(cfg.micro_batch, 1, cfg.seed, False, d.rank, d.world_size)
     s.resumed = None
     if s.resume_from is not None:
@@ -118,11 +143,11 @@ def setup_data(s: RunState, tokenizer) -> None:
 def setup_model(s: RunState) -> None:
     """Phase 3: the adapted NF4 model, streamed onto the device (sharded by FSDP2 first when distributed)."""
     cfg, d = s.cfg, s.dist
-    s.model, s.report = build_meta_model(cfg.model, s.spec, s.compute)
+    s.model, s.report = build_meta_model(s.model_dir, s.spec, s.compute)
     s.wrapper = CausalLMLoss(s.model)
     if d.sharded:
-        shard_model(s.wrapper, s.compute, cfg.offload in ("params", "all"), root_blocks=s.model)
-    load_weights(s.model, cfg.model, d.device, cfg.seed)
+        shard_model(s.wrapper, s.compute, cfg.offload_params, root_blocks=s.model)
+    load_weights(s.model, s.model_dir, d.device, cfg.seed)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(s.model)
     s.wrapper.train()

@@ -27,8 +27,12 @@ class RunState:
     spec: AdapterSpec
     compute: torch.dtype  # the compute dtype (adapters and optimizer state stay fp32)
     out: Path
-    base_model: str  # the resolved --model path, recorded in adapter_config.json
+    model_dir: Path  # the base model's local folder (a Hub name resolved to its cache folder)
+    base_model: str  # recorded in adapter_config.json: the Hub id, or the folder's path
     resume_from: Path | None  # the checkpoint folder to continue, or None
+    # check_inputs, setup_data: what the run read (model and data names, revisions), for train_config.yaml
+    # and the adapter's qdora_adapter.json
+    provenance: dict[str, Any] = field(init=False)
     # setup_data
     data: Any = field(init=False)  # qdora.data.prepare.PreparedData
     batches: BatchIterator = field(init=False)  # the training micro batches, resumable

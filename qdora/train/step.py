@@ -20,7 +20,7 @@ from torch import nn
 
 from qdora.errors import QdoraError
 from qdora.train.distributed import activation_offload, autocast
-from qdora.train.loss import IGNORE_INDEX, chunked_cross_entropy
+from qdora.train.loss import IGNORE_INDEX, LogitsTransform, chunked_cross_entropy
 from qdora.train.state import RunState
 
 
@@ -34,10 +34,11 @@ class CausalLMLoss(nn.Module):
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
+        self.transform = LogitsTransform.from_config(lm.config)  # e.g. Gemma 2's final soft-capping
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.lm.model(input_ids=input_ids, use_cache=False, **kw).last_hidden_state
-        return chunked_cross_entropy(hidden, self.lm.lm_head.weight, labels)
+        return chunked_cross_entropy(hidden, self.lm.lm_head.weight, labels, transform=self.transform)
 
 
 @dataclass
@@ -65,8 +66,7 @@ def train_step(s: RunState, batches: list[dict[str, torch.Tensor]]) -> StepResul
     for i, batch in enumerate(batches):
         if d.sharded:  # reduce-scatter the gradients once, after the last micro batch
             s.wrapper.set_requires_gradient_sync(i == len(batches) - 1)
-        with activation_offload(cfg.offload in ("activations", "all"), d.device), autocast(d.device, s.compute,
-                                                                                            d.sharded):
+        with activation_offload(cfg.offload_activations, d.device), autocast(d.device, s.compute, d.sharded):
             loss_sum, _ = s.wrapper(**batch)
         scaled = loss_sum * (d.world_size / n_global.to(loss_sum.dtype))
         (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
