@@ -131,10 +131,17 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
-def make_layer(linear: nn.Linear, spec: AdapterSpec, storage_dtype: torch.dtype | None = None) -> QDoRALinear:
-    """A QDoRALinear for `linear`: quantized from its weight, or empty on meta for streaming loads."""
+def layer_seed(seed: int, index: int) -> int:
+    """The init seed of the `index`-th adapted layer (in module order) of a model adapted with `seed`."""
+    return seed * 1_000_003 + index
+
+
+def make_layer(linear: nn.Linear, spec: AdapterSpec, storage_dtype: torch.dtype | None = None, seed: int = 0
+               ) -> QDoRALinear:
+    """A QDoRALinear for `linear` with adapter `initial_adapter(seed)`: quantized from its weight, or empty on
+    meta for streaming loads (the loader inits it with the same seed)."""
     return QDoRALinear.from_linear(
-        linear, r=int(spec.r), alpha=float(spec.alpha), method=spec.method, rslora=spec.rslora,
+        linear, seed=seed, r=int(spec.r), alpha=float(spec.alpha), method=spec.method, rslora=spec.rslora,
         dropout=float(spec.dropout), double_quant=spec.double_quant, adapter_dtype=spec.torch_adapter_dtype,
         storage_dtype=storage_dtype,
     )
@@ -147,26 +154,24 @@ def make_frozen(linear: nn.Linear, spec: AdapterSpec, storage_dtype: torch.dtype
 
 def make_experts(module: nn.Module, family: MoEFamily, spec: AdapterSpec, targets: set[str], path: str,
                  storage_dtype: torch.dtype | None = None) -> NF4Experts:
-    """NF4 experts for transformers' fused experts module, with adapters on the targeted fused parameters."""
+    """NF4 experts for transformers' fused experts module, with (uninitialised) adapters on the targeted
+    fused parameters: `adapt_model` inits them in module order."""
     new = NF4Experts.from_experts(module, family, spec.double_quant, storage_dtype)
-    device = module.gate_up_proj.device
     for param in EXPERT_PARAMS:
         if f"{path}.{param}" in targets:
-            adapter = new.add_adapter(param, int(spec.r), float(spec.alpha), spec.method, spec.rslora,
-                                      spec.torch_adapter_dtype, device)
-            if device.type != "meta":
-                init = adapter.init_tensors(0, new.row_norm_sq(param) if spec.method == "dora" else None)
-                with torch.no_grad():
-                    for name, t in init.items():
-                        getattr(adapter, name).copy_(t)
+            new.add_adapter(param, int(spec.r), float(spec.alpha), spec.method, spec.rslora,
+                            spec.torch_adapter_dtype, module.gate_up_proj.device)
     return new
 
 
 def adapt_model(
-    model: nn.Module, spec: AdapterSpec, storage_dtype: torch.dtype | None = None
+    model: nn.Module, spec: AdapterSpec, storage_dtype: torch.dtype | None = None, seed: int = 0
 ) -> AdaptReport:
     """Quantize every linear of the decoder blocks to NF4 (in place), put adapters on the targeted ones,
-    and freeze everything else. Untargeted linears become frozen `NF4Linear`s, as in QLoRA."""
+    and freeze everything else. Untargeted linears become frozen `NF4Linear`s, as in QLoRA.
+
+    The i-th adapted layer starts from `initial_adapter(layer_seed(seed, i))`, exactly as `load_model`
+    with the same seed inits it."""
     report = AdaptReport()
     targets = set(find_targets(model, spec.target))
     family = moe_family_of(model)
@@ -180,11 +185,16 @@ def adapt_model(
         if not isinstance(module, nn.Linear):
             raise QdoraError(f"{path} is already quantized/adapted")
         if path in targets:
-            set_submodule(model, path, make_layer(module, spec, storage_dtype))
+            set_submodule(model, path, make_layer(module, spec, storage_dtype,
+                                                  layer_seed(seed, len(report.adapted))))
             report.adapted.append(path)
         else:
             set_submodule(model, path, make_frozen(module, spec, storage_dtype))
         del module
+    if family is not None and next(model.parameters()).device.type != "meta":
+        # experts were adapted first: init every adapter by its index in module order, as load_model does
+        for i, layer in enumerate(adapter_layers(model).values()):
+            layer.reset_adapter(layer_seed(seed, i))
     freeze_base(model)
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.total_params = count_parameters(model)
@@ -192,7 +202,7 @@ def adapt_model(
 
 
 def freeze_base(model: nn.Module) -> None:
-    """Only adapter tensors (lora_A, lora_B, magnitude) train; base weights, biases, norms are frozen."""
+    """Only adapter tensors (`ADAPTER_ATTRS`) train; base weights, biases, norms are frozen."""
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in adapter_layers(model).values():

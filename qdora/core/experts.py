@@ -26,11 +26,10 @@ import math
 import torch
 from torch import nn
 
-from qdora.core.layer import _scale_rows, adapter_scale, compute_dtype, dora_row_norm, merge_weight
+from qdora.core.layer import ADAPTER_ATTRS, _scale_rows, adapter_scale, compute_dtype, dora_row_norm, merge_weight
 from qdora.core.moe_families import EXPERT_PARAMS, MoEFamily
 from qdora.core.nf4 import NF4Spec, NF4Weight, dequantize_nf4
-
-_NF4_TENSORS = ("packed", "absmax", "absmax2", "code2", "offset", "code")
+from qdora.core.shards import fill_param
 
 
 class ExpertsAdapter(nn.Module):
@@ -51,19 +50,28 @@ class ExpertsAdapter(nn.Module):
         else:
             self.register_parameter("magnitude", None)
 
-    def adapter_parameters(self) -> list[nn.Parameter]:
-        return [p for p in (self.lora_A, self.lora_B, self.magnitude) if p is not None]
+    def adapter_tensors(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors by attribute name: lora_A, lora_B and (dora) magnitude."""
+        return {name: p for name in ADAPTER_ATTRS if (p := getattr(self, name)) is not None}
 
-    def init_tensors(self, seed: int, row_norm_sq: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """PEFT's init per expert (A uniform ±1/√in, B zero, m = row norms of Ŵ_e), fp32 on CPU."""
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return list(self.adapter_tensors().values())
+
+    def initial_adapter(self, seed: int) -> dict[str, torch.Tensor]:
+        """PEFT's init per expert as whole fp32 CPU tensors (A uniform ±1/√in from a CPU generator seeded
+        with `seed`, B zero, m = row norms of the dequantized Ŵ_e): the same on every rank."""
         gen = torch.Generator().manual_seed(seed)
         bound = 1.0 / math.sqrt(self.in_features)
         out = {"lora_A": torch.empty(self.lora_A.shape).uniform_(-bound, bound, generator=gen),
                "lora_B": torch.zeros(self.lora_B.shape)}
         if self.magnitude is not None:
-            assert row_norm_sq is not None
-            out["magnitude"] = row_norm_sq.detach().float().sqrt().cpu()
+            out["magnitude"] = self._row_norm_sq().detach().float().sqrt().cpu()
         return out
+
+    def reset_adapter(self, seed: int = 0) -> None:
+        """Put `initial_adapter(seed)` into the adapter (or this rank's shard of it)."""
+        for name, full in self.initial_adapter(seed).items():
+            fill_param(getattr(self, name), full)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, "
@@ -212,6 +220,8 @@ class NF4Experts(nn.Module):
                     adapter_dtype: torch.dtype, device) -> ExpertsAdapter:
         out, inn = self.shape(param)
         adapter = ExpertsAdapter(self.num_experts, inn, out, r, alpha, method, rslora, adapter_dtype, device)
+        # the magnitude's init reads this module's row norms: a plain reference, not a registered child
+        object.__setattr__(adapter, "_row_norm_sq", lambda: self.row_norm_sq(param))
         self.add_module(param, adapter)
         return adapter
 
@@ -240,8 +250,7 @@ class NF4Experts(nn.Module):
     def _linear(self, param: str, x: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
         adapter = self.adapter(param)
         specs = tuple(w.spec for w in self.part_weights(0, param))
-        nf4 = tuple(getattr(w, t) for e in range(self.num_experts) for w in self.part_weights(e, param)
-                    for t in _NF4_TENSORS)
+        nf4 = tuple(t for e in range(self.num_experts) for w in self.part_weights(e, param) for t in w.tensors())
         a = b = m = norms = None
         scale = 1.0
         if adapter is not None:

@@ -9,8 +9,8 @@ import torch
 from qdora.core.adapt import AdapterSpec
 from qdora.core.load import load_model
 from qdora.testing.tiny_models import build_tiny_model
-from qdora.train.loop import CausalLMLoss
 from qdora.train.router_loss import router_loss_of
+from qdora.train.step import CausalLMLoss
 
 
 @pytest.mark.parametrize("family,tokenizer", [("qwen3_moe", "qwen2"), ("mixtral", "llama3")])
