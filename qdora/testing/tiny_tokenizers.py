@@ -3,7 +3,7 @@ Llama 3's or Qwen2's split regex and special tokens, and Llama 2 / Mistral Sente
 
 from __future__ import annotations
 
-from qdora.export.pretokenizers import LLAMA3_REGEX, QWEN2_REGEX
+from qdora.export.pretokenizers import LLAMA3_REGEX, QWEN2_REGEX, TEKKEN_REGEX
 from qdora.testing.demo_data import demo_corpus, demo_records
 
 LLAMA3_JINJA_TEMPLATE = (
@@ -68,7 +68,15 @@ _SPM_STYLES = {
     "phi3": (SENTENCEPIECE_SPECIAL_TOKENS, PHI3_SPECIAL_TOKENS, "<s>", "<|endoftext|>", "<unk>", "<|endoftext|>",
              PHI3_JINJA_TEMPLATE, True),
 }
-TOKENIZER_KINDS = ("llama3", "sentencepiece", "qwen2", "gemma", "phi3")
+# Mistral Small 3 (V7-Tekken): [SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]user[/INST]answer</s>, no spaces.
+TEKKEN_JINJA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '[SYSTEM_PROMPT]' + message['content'] + '[/SYSTEM_PROMPT]' }}{% elif message['role'] == 'user' %}"
+    "{{ '[INST]' + message['content'] + '[/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+TEKKEN_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+TOKENIZER_KINDS = ("llama3", "sentencepiece", "qwen2", "gemma", "phi3", "tekken")
 
 def _training_texts(corpus: list[str] | None) -> list[str]:
     return (corpus or demo_corpus()) + [f"{r['instruction']} {r['output']}" for r in demo_records()]
@@ -218,6 +226,31 @@ def build_qwen2_tokenizer(vocab_size: int = 384, corpus: list[str] | None = None
     return fast
 
 
+def build_tekken_tokenizer(vocab_size: int = 384, corpus: list[str] | None = None):
+    """A Mistral Nemo / Small 3-style Tekken tokenizer: byte-level BPE with the Tekken split regex, control
+    tokens first (as in Tekken's tokenizer.json), merges ignored for whole pieces, BOS added."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(TEKKEN_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TEKKEN_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_training_texts(corpus), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = TEKKEN_JINJA_TEMPLATE
+    return fast
+
+
 def build_tokenizer(kind: str = "llama3"):
     """The tiny tokenizer of one kind: `llama3` (byte-level BPE), `sentencepiece` (Llama 2), `qwen2`."""
     if kind == "llama3":
@@ -228,4 +261,6 @@ def build_tokenizer(kind: str = "llama3"):
         return build_qwen2_tokenizer()
     if kind in ("gemma", "phi3"):
         return build_sentencepiece_tokenizer(style=kind)
+    if kind == "tekken":
+        return build_tekken_tokenizer()
     raise ValueError(f"unknown tiny tokenizer {kind!r}: choose one of {', '.join(TOKENIZER_KINDS)}")
