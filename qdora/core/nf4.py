@@ -25,10 +25,30 @@ BLOCKSIZE = 64  # weights per NF4 block (one absmax each), as QLoRA and bitsandb
 NESTED_BLOCKSIZE = 256  # absmax values per second-level block under double quantization
 
 
-def default_storage_dtype() -> torch.dtype:
-    """uint8 where FSDP2 accepts frozen integer parameters (torch >= 2.13), else bytes viewed as bf16."""
+STORAGE_ENV = "QDORA_NF4_STORAGE"  # uint8 | bfloat16: force a layout (tests run torch < 2.13's on newer torch)
+
+
+def torch_accepts_uint8_params() -> bool:
+    """FSDP2 shards frozen uint8 parameters from torch 2.13 on (older: "only Tensors of floating point...")."""
     major, minor = (int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    return torch.uint8 if (major, minor) >= (2, 13) else torch.bfloat16
+    return (major, minor) >= (2, 13)
+
+
+def default_storage_dtype() -> torch.dtype:
+    """uint8 where FSDP2 accepts frozen integer parameters (torch >= 2.13), else bytes viewed as bf16.
+
+    The environment variable QDORA_NF4_STORAGE=bfloat16|uint8 overrides it (uint8 only where torch allows).
+    """
+    import os
+
+    forced = os.environ.get(STORAGE_ENV, "")
+    if forced:
+        if forced not in ("uint8", "bfloat16"):
+            raise QdoraError(f"{STORAGE_ENV}={forced!r}: use uint8 or bfloat16")
+        if forced == "uint8" and not torch_accepts_uint8_params():
+            raise QdoraError(f"{STORAGE_ENV}=uint8 needs torch >= 2.13 (this is {torch.__version__})")
+        return getattr(torch, forced)
+    return torch.uint8 if torch_accepts_uint8_params() else torch.bfloat16
 
 
 def _as_storage(t: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
