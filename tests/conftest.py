@@ -60,7 +60,8 @@ def _mount(args: list[str]) -> bool:
 @pytest.fixture
 def small_disk(tmp_path):
     """`small_disk(nbytes)` -> a folder on a real tmpfs of that size: writes beyond it fail with ENOSPC, as
-    on a full disk. Needs root or passwordless sudo (CI has it); skipped where neither exists."""
+    on a full disk; `small_disk.resize(folder, nbytes)` grows it. Needs root or passwordless sudo (CI has
+    it); skipped where neither exists."""
     mounts: list[Path] = []
 
     def make(nbytes: int, name: str = "disk") -> Path:
@@ -72,6 +73,11 @@ def small_disk(tmp_path):
         mounts.append(path)
         return path
 
+    def resize(path: Path, nbytes: int) -> None:
+        """Give the disk more room (a user freeing space), keeping its files."""
+        assert _mount(["mount", "-o", f"remount,size={nbytes}", str(path)])
+
+    make.resize = resize
     yield make
     for path in mounts:
         _mount(["umount", str(path)])

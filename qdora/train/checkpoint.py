@@ -9,7 +9,8 @@ Python, NumPy), and `trainer_state.json` (human-readable summary). Resuming need
 micro_batch × ranks layout (the data iterator refuses another one, before anything is written).
 
 Atomicity: everything goes into `.checkpoint-STEP.tmp/` first and is renamed in one `os.replace`, so a
-crash never leaves a half-written `checkpoint-STEP`. With several ranks, rank 0 creates and renames the
+crash never leaves a half-written `checkpoint-STEP`; a failed write (full disk) removes the temporary
+folder and says which checkpoint to resume from. With several ranks, rank 0 creates and renames the
 folder; the others write only their RNG file in between (barriers around it). Multi-node runs need OUTPUT
 on a filesystem all nodes share.
 """
@@ -30,6 +31,7 @@ import torch
 from qdora.core.adapt import AdapterSpec
 from qdora.core.adapter_io import save_adapter
 from qdora.errors import QdoraError
+from qdora.io.os_errors import writing
 from qdora.train.distributed import Dist
 
 PREFIX = "checkpoint-"
@@ -81,25 +83,42 @@ def save_checkpoint(
     out = Path(output)
     final = out / f"{PREFIX}{step}"
     tmp = out / f".{PREFIX}{step}.tmp"
-    if dist_.main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_adapter(None, tmp, spec, base_model=base_model, state=adapter_state)
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save({**trainer_state, "step": step, "world_size": dist_.world_size}, tmp / "trainer_state.pt")
-        summary = {"step": step, "world_size": dist_.world_size, "data": trainer_state.get("data")}
-        (tmp / "trainer_state.json").write_text(json.dumps(summary, indent=2) + "\n")
-    dist_.barrier()
-    torch.save(rng_state(), tmp / f"rng_state_{dist_.rank}.pt")
-    dist_.barrier()
-    if dist_.main:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        prune(out, keep)
+    # A full disk or lost permission: one message naming the checkpoint and the last good one to resume
+    # from, and the temporary folder removed (a checkpoint is complete or absent).
+    with writing(final, f"checkpoint {step}", hint=resume_hint(out)):
+        try:
+            if dist_.main:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+                save_adapter(None, tmp, spec, base_model=base_model, state=adapter_state)
+                torch.save(optimizer_state, tmp / "optimizer.pt")
+                torch.save({**trainer_state, "step": step, "world_size": dist_.world_size},
+                           tmp / "trainer_state.pt")
+                summary = {"step": step, "world_size": dist_.world_size, "data": trainer_state.get("data")}
+                (tmp / "trainer_state.json").write_text(json.dumps(summary, indent=2) + "\n")
+            dist_.barrier()
+            torch.save(rng_state(), tmp / f"rng_state_{dist_.rank}.pt")
+            dist_.barrier()
+            if dist_.main:
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                prune(out, keep)
+        except BaseException:
+            if dist_.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     dist_.barrier()
     return final
+
+
+def resume_hint(output: str | Path) -> str:
+    """What a stopped run can continue from: the newest complete checkpoint, if any."""
+    found = list_checkpoints(output)
+    if not found:
+        return "no checkpoint was written yet (the run would start over)"
+    return f"the last good checkpoint is {found[-1][1]} (continue from it with --resume latest)"
 
 
 def prune(output: Path, keep: int) -> None:

@@ -34,7 +34,9 @@ from qdora.core.adapt import AdapterSpec, adapter_layers
 from qdora.core.adapter_io import load_adapter_tensors, peft_key, save_adapter
 from qdora.core.load import build_meta_model, fill_param, load_model, open_checkpoint
 from qdora.errors import QdoraError
-from qdora.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
+from qdora.io.os_errors import as_write_failure
+from qdora.io.preflight import check_writable
+from qdora.train.checkpoint import load_checkpoint, resolve_resume, resume_hint, save_checkpoint, set_rng_state
 from qdora.train.config import TrainConfig
 from qdora.train.distributed import (
     Dist,
@@ -119,6 +121,7 @@ def _check_output(cfg: TrainConfig) -> Path | None:
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise QdoraError(f"--output {out} exists and is not a folder")
+    check_writable(out, "the run folder")
     if cfg.resume:
         return resolve_resume(out, cfg.resume)
     if out.is_dir() and any(out.iterdir()):
@@ -210,12 +213,20 @@ def train(cfg: TrainConfig) -> TrainResult:
     d = setup_distributed(cfg.device, cfg.offload in ("params", "all"))
     try:
         return _run(cfg, d)
+    except QdoraError:
+        raise
     except torch.OutOfMemoryError as e:
         raise QdoraError(
             f"CUDA out of memory ({e.__class__.__name__}): lower --micro-batch (now {cfg.micro_batch}) or "
             f"--seq-len (now {cfg.seq_len}), or offload (--offload activations, params or all; now "
             f"{cfg.offload}); more --grad-accum keeps the global batch"
         ) from e
+    except Exception as e:  # a full disk or lost permission outside a checkpoint (metrics, final adapter)
+        failure = as_write_failure(e, getattr(e, "filename", None) or cfg.output, "the run's output",
+                                   hint=resume_hint(cfg.output))
+        if failure is None:
+            raise
+        raise failure from e
     finally:
         teardown_distributed(d)
 
