@@ -79,8 +79,11 @@ def small_disk(tmp_path):
 
     make.resize = resize
     yield make
+    import gc
+
+    gc.collect()  # a failed run's traceback may still hold a file open on the disk
     for path in mounts:
-        _mount(["umount", str(path)])
+        _mount(["umount", str(path)]) or _mount(["umount", "-l", str(path)])
 
 
 @pytest.fixture
@@ -93,7 +96,7 @@ def unwritable_dir(tmp_path):
         if not _mount(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)]):
             pytest.skip("cannot mount a read-only tmpfs")
         yield path, "read-only"
-        _mount(["umount", str(path)])
+        _mount(["umount", str(path)]) or _mount(["umount", "-l", str(path)])
     else:
         path.chmod(0o555)
         yield path, "permission denied"
