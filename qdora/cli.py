@@ -18,8 +18,9 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model", required=True, help="model folder (config.json), a config.json file, or a preset "
-              "(llama-3-70b, llama-3-8b, llama-3.2-1b)")
+@click.option("--model", required=True, help="model folder (config.json), a config.json file, a preset "
+              "(llama-3-70b, llama-3-8b, llama-3.2-1b), or a Hub id org/name (fetches config.json only)")
+@click.option("--revision", default=None, help="Hub branch, tag or commit of --model [default: main]")
 @click.option("--gpus", type=int, default=1, show_default=True, help="ranks sharing the model with FSDP2")
 @click.option("--gpu-mem", type=float, default=24.0, show_default=True, help="memory per GPU in GiB")
 @click.option("--seq-len", type=int, default=2048, show_default=True)
@@ -31,7 +32,7 @@ def main() -> None:
 @click.option("--target", default="all-linear", show_default=True, help="all-linear or q_proj,v_proj,...")
 @click.option("--loss", type=click.Choice(["chunked", "full"]), default="chunked", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
-def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, as_json) -> None:
+def plan(model, revision, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, as_json) -> None:
     """Per-GPU memory of a QDoRA run, whether it fits, and the cheapest settings that make it fit.
 
     Exit status 0 when it fits, 1 when it does not (the report then names the settings that would fit).
@@ -40,7 +41,7 @@ def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, targ
 
     from qdora.tools.plan import load_config, plan_memory
 
-    result = plan_memory(load_config(model), gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
+    result = plan_memory(load_config(model, revision), gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
                          micro_batch=micro_batch, method=method, offload=offload, target=target, loss=loss)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.report())
     if not result.fits:
@@ -54,7 +55,9 @@ def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, targ
               help="Or an adapter folder: merged onto its base on the way, one tensor at a time, without "
                    "writing the merged checkpoint (same file as `qdora merge` then `qdora export --model`).")
 @click.option("--base-model", default=None, type=click.Path(path_type=str),
-              help="With --adapter: full-precision base folder [default: the adapter's base_model_name_or_path].")
+              help="With --adapter: full-precision base, a folder or a Hub id [default: the adapter's "
+                   "base_model_name_or_path].")
+@click.option("--revision", default=None, help="With --adapter: Hub branch, tag or commit of --base-model.")
 @click.option("--base", "base_kind", default="dequantized", show_default=True,
               type=click.Choice(["dequantized", "original"]), help="With --adapter: as `qdora merge --base`.")
 @click.option("--dtype", default="bf16", show_default=True, metavar="bf16|fp16|fp32",
@@ -66,8 +69,8 @@ def plan(model, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, targ
 @click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile next to the GGUF.")
 @click.option("--quantize", multiple=True, metavar="TYPE",
               help="Also quantize with llama.cpp (e.g. Q4_K_M); repeatable. Needs llama-cpp-python.")
-def export(model_dir: str | None, adapter_dir: str | None, base_model: str | None, base_kind: str, dtype: str,
-           output: str, outtype: str, modelfile: bool, quantize: tuple[str, ...]) -> None:
+def export(model_dir: str | None, adapter_dir: str | None, base_model: str | None, revision: str | None,
+           base_kind: str, dtype: str, output: str, outtype: str, modelfile: bool, quantize: tuple[str, ...]) -> None:
     """Convert a merged checkpoint, or an adapter and its base in one step, to GGUF for llama.cpp / Ollama."""
     from qdora.export.adapter_gguf import export_adapter_gguf
     from qdora.export.gguf_export import export_gguf
@@ -78,10 +81,11 @@ def export(model_dir: str | None, adapter_dir: str | None, base_model: str | Non
         raise QdoraError("give exactly one of --model (a merged model folder) or --adapter (an adapter folder)")
     common = {"outtype": outtype.lower(), "modelfile": modelfile, "quantize": quantize}
     if adapter_dir is not None:
-        path = export_adapter_gguf(adapter_dir, output, base_model=base_model, base=base_kind, dtype=dtype, **common)
+        path = export_adapter_gguf(adapter_dir, output, base_model=base_model, base=base_kind, dtype=dtype,
+                                   revision=revision, **common)
     else:
-        if base_model is not None:
-            raise QdoraError("--base-model goes with --adapter; --model is already a merged model")
+        if base_model is not None or revision is not None:
+            raise QdoraError("--base-model and --revision go with --adapter; --model is already a merged model")
         path = export_gguf(model_dir, output, **common)
     click.echo(f"GGUF ready: {path}")
 
@@ -126,7 +130,9 @@ def _is_main_rank() -> bool:
 @click.option("--output", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Folder to write the merged Hugging Face model to.")
 @click.option("--base-model", default=None, type=click.Path(path_type=str),
-              help="Full-precision base model folder [default: the adapter's base_model_name_or_path].")
+              help="Full-precision base model: a folder or a Hub id org/name [default: the adapter's "
+                   "base_model_name_or_path, at the revision it was trained on].")
+@click.option("--revision", default=None, help="Hub branch, tag or commit of --base-model [default: main].")
 @click.option("--dtype", default="bf16", show_default=True, metavar="bf16|fp16|fp32", help="Output weight dtype.")
 @click.option("--base", "base_kind", default="dequantized", show_default=True,
               type=click.Choice(["dequantized", "original"]),
@@ -136,13 +142,13 @@ def _is_main_rank() -> bool:
                    "it is not the function that was trained (the magnitude was learned against the NF4 norms).")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard (e.g. 500MB, 5GB).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUTPUT folder.")
-def merge(adapter_dir: str, output: str, base_model: str | None, dtype: str, base_kind: str, shard_size: str,
-          overwrite: bool) -> None:
+def merge(adapter_dir: str, output: str, base_model: str | None, revision: str | None, dtype: str, base_kind: str,
+          shard_size: str, overwrite: bool) -> None:
     """Merge an adapter into its base: a full-precision checkpoint that loads with plain transformers."""
     from qdora.export.merge import merge_adapter
 
     res = merge_adapter(adapter_dir, output, base_model=base_model, dtype=dtype, base=base_kind,
-                        shard_size=shard_size, overwrite=overwrite)
+                        shard_size=shard_size, overwrite=overwrite, revision=revision)
     click.echo(f"merged {res.merged} adapted weights, dequantized {res.dequantized} frozen NF4 weights; "
                f"{res.total_bytes / 1e9:.2f} GB in {res.shards} shard(s) -> {res.output}")
 

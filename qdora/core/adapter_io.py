@@ -52,12 +52,23 @@ def _module_path(key: str) -> str:
     raise QdoraError(f"unexpected adapter key {key!r}")
 
 
-def peft_config_dict(spec: AdapterSpec, target_names: list[str], base_model: str | None) -> dict:
-    """The adapter_config.json PEFT expects (only fields we set; PEFT fills its defaults)."""
+def peft_config_dict(spec: AdapterSpec, target_names: list[str], base_model: str | None,
+                     provenance: dict | None = None) -> dict:
+    """The adapter_config.json PEFT expects (only fields we set; PEFT fills its defaults).
+
+    `provenance` ({"model": {"name", "revision"}, "data": ...}) is what the run was trained on: the base
+    model's Hub commit goes into PEFT's own `revision` field (PeftModel.from_pretrained then loads that
+    commit of the base), the whole record into qdora's metadata.
+    """
+    own = {"method": spec.method, "double_quant": spec.double_quant, "quant_type": "nf4",
+           "blocksize": BLOCKSIZE, "adapter_dtype": spec.adapter_dtype}
+    if provenance:
+        own["provenance"] = provenance
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
+        "revision": ((provenance or {}).get("model") or {}).get("revision"),
         "r": int(spec.r),
         "lora_alpha": spec.alpha,
         "lora_dropout": float(spec.dropout),
@@ -69,24 +80,24 @@ def peft_config_dict(spec: AdapterSpec, target_names: list[str], base_model: str
         "init_lora_weights": True,
         "modules_to_save": None,
         "inference_mode": True,
-        # qdora's own record of how the base was quantized, ignored by PEFT
-        "qdora": {"method": spec.method, "double_quant": spec.double_quant, "quant_type": "nf4",
-                  "blocksize": BLOCKSIZE, "adapter_dtype": spec.adapter_dtype},
+        # qdora's own record of how the base was quantized and what the run read, ignored by PEFT
+        "qdora": own,
     }
 
 
 def save_adapter(
     model: nn.Module, out_dir: str | Path, spec: AdapterSpec, base_model: str | None = None,
-    state: dict[str, torch.Tensor] | None = None,
+    state: dict[str, torch.Tensor] | None = None, provenance: dict | None = None,
 ) -> Path:
-    """Write the adapter in PEFT format; `state` overrides the tensors (e.g. gathered from FSDP)."""
+    """Write the adapter in PEFT format; `state` overrides the tensors (e.g. gathered from FSDP);
+    `provenance` records the model/data revisions (see `peft_config_dict`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model) if state is None else state
     if not state:
         raise QdoraError("the model has no QDoRA layers: nothing to save")
     targets = sorted({_module_path(k).rsplit(".", 1)[-1] for k in state})
-    config = peft_config_dict(spec, targets, base_model)
+    config = peft_config_dict(spec, targets, base_model, provenance)
     atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return out

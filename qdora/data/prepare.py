@@ -20,6 +20,7 @@ from pathlib import Path
 
 from qdora.data.batches import BatchIterator
 from qdora.data.formats import ENCODERS, IGNORE_INDEX, Example, Segment, resolve_format, tokenize
+from qdora.data.hub_data import RepoSelect
 from qdora.data.pack import PackedRows, RaggedRows, pack_examples
 from qdora.data.sources import load_sources
 from qdora.errors import QdoraError
@@ -33,6 +34,7 @@ class DataStats:
     """What preparation did, for the run log."""
 
     formats: dict[str, str] = field(default_factory=dict)  # source name -> format used
+    revisions: dict[str, str | None] = field(default_factory=dict)  # source name -> Hub commit (None: local)
     examples: int = 0  # records tokenized (empty text records excluded)
     truncated: int = 0  # examples cut to seq_len
     dropped: int = 0  # records/examples without any trained token
@@ -62,6 +64,7 @@ class PreparedData:
 
 def load_examples(
     path: str | Path, tokenizer, fmt: str = "auto", completion_only: bool = False, txt_mode: str = "line",
+    select: RepoSelect | None = None,
 ) -> tuple[list[Example], list[str], DataStats]:
     """Every record of every source file, validated and tokenized (untruncated), in file order.
 
@@ -70,9 +73,10 @@ def load_examples(
     stats = DataStats()
     examples: list[Example] = []
     origins: list[str] = []
-    for source in load_sources(path, txt_mode):
+    for source in load_sources(path, txt_mode, select):
         used = resolve_format(fmt, source.rows.column_names, source.name)
         stats.formats[source.name] = used
+        stats.revisions[source.name] = source.revision
         encode = ENCODERS[used]
         block: list[list[Segment]] = []
         for i, record in enumerate(source.rows):
@@ -118,11 +122,13 @@ def prepare_data(
     pack: bool = False,
     truncate: bool = True,
     txt_mode: str = "line",
+    select: RepoSelect | None = None,
 ) -> PreparedData:
-    """Load, validate, tokenize, truncate and (optionally) pack a local dataset. Raises QdoraError."""
+    """Load, validate, tokenize, truncate and (optionally) pack a dataset (local files, or a dataset repository
+    by Hub name or folder: `select` picks its split/config/revision). Raises QdoraError."""
     if seq_len < 2:
         raise QdoraError(f"seq_len must be at least 2, got {seq_len}")
-    examples, origins, stats = load_examples(path, tokenizer, fmt, completion_only, txt_mode)
+    examples, origins, stats = load_examples(path, tokenizer, fmt, completion_only, txt_mode, select)
     stats.examples = len(examples)
     examples = _fit(examples, origins, seq_len, truncate, stats)
     if stats.truncated:

@@ -2,7 +2,8 @@
 
 Every source file is loaded on its own (not concatenated) so that a malformed record can be reported
 by file name and row: the 1-based line for JSONL, the 1-based record otherwise.
-Nothing here touches the network: only datasets' packaged local builders are used.
+Local files use only datasets' packaged local builders (no network). A Hub dataset name (`org/dataset`)
+or a local folder laid out as a dataset repository goes through `qdora.data.hub_data` instead.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from qdora.data.hub_data import RepoSelect, is_dataset_repo_dir, load_repo
 from qdora.errors import QdoraError
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
@@ -25,6 +27,7 @@ class Source:
     name: str
     rows: object  # datasets.Dataset
     locate: Callable[[int], str]
+    revision: str | None = None  # the Hub commit a dataset repository was read at
 
     def where(self, i: int) -> str:
         return f"{self.name}, {self.locate(i)}"
@@ -123,14 +126,25 @@ def _load_saved(path: Path) -> Source:
     return Source(str(path), rows, lambda i: f"row {i + 1}")
 
 
-def load_sources(path: str | Path, txt_mode: str = "line") -> list[Source]:
-    """Load a data file, a save_to_disk folder, or a folder of those (sorted by name, not recursive).
+def _load_repo(path: str, select: RepoSelect | None) -> Source:
+    rows, commit = load_repo(path, select or RepoSelect())
+    split = (select or RepoSelect()).split
+    return Source(f"{path} [{split}]", rows, lambda i: f"row {i + 1}", commit)
+
+
+def load_sources(path: str | Path, txt_mode: str = "line", select: RepoSelect | None = None) -> list[Source]:
+    """Load a data file, a save_to_disk folder, or a folder of those (sorted by name, not recursive); or
+    one split of a Hub dataset `org/name` / a local folder laid out as a dataset repository (`select`).
 
     `txt_mode`: for `.txt` files, "line" makes every non-empty line a document, "file" the whole file.
     """
+    from qdora.io.hub import looks_like_repo_id
+
     if txt_mode not in TXT_MODES:
         raise QdoraError(f"txt_mode must be one of {TXT_MODES}, got {txt_mode!r}")
     p = Path(path).expanduser()
+    if is_dataset_repo_dir(p) or not p.exists() and "/" in str(path) and looks_like_repo_id(str(path)):
+        return [_load_repo(str(path) if not p.exists() else str(p), select)]
     if not p.exists():
         raise QdoraError(f"dataset path not found: {p}")
     if _is_saved_dataset(p):

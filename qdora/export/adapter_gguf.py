@@ -47,6 +47,7 @@ def export_adapter_gguf(
     outtype: str = "f16",
     modelfile: bool = False,
     quantize: str | Sequence[str] | None = None,
+    revision: str | None = None,
 ) -> Path:
     """Merge the adapter onto its base (as `qdora merge --base BASE --dtype DTYPE`) straight into a GGUF.
 
@@ -56,6 +57,6 @@ def export_adapter_gguf(
     out_dtype = parse_dtype(dtype)
     if base not in BASES:
         raise QdoraError(f"unknown base {base!r}: choose {' or '.join(BASES)}")
-    plan = AdapterMerge.load(adapter_dir, base_model)
+    plan = AdapterMerge.load(adapter_dir, base_model, revision)
     return export_gguf(plan.base_dir, output_path, outtype=outtype, modelfile=modelfile, quantize=quantize,
                        name=Path(adapter_dir).resolve().name, source=merged_source(plan, base, out_dtype))

@@ -29,15 +29,25 @@ def block_linear_keys(model_dir: Path) -> list[str]:
     return [p + ".weight" for p in linear_names_in_blocks(meta_model(model_dir))]
 
 
-def resolve_base_dir(base_model: str | Path | None, adapter_cfg: dict, what: str = "adapter") -> Path:
-    """--base-model, else the adapter config's base_model_name_or_path; it must be a local model folder."""
+def resolve_base_dir(base_model: str | Path | None, adapter_cfg: dict, what: str = "adapter",
+                     revision: str | None = None) -> Path:
+    """--base-model (at --revision), else the adapter config's base_model_name_or_path at its recorded
+    `revision`: a local model folder, or a Hub repository id fetched through the Hub cache."""
+    from qdora.io.hub import looks_like_repo_id, resolve_model
+
     candidate = base_model if base_model is not None else adapter_cfg.get("base_model_name_or_path")
     if not candidate:
         raise QdoraError(f"the {what} config names no base model: pass --base-model DIR")
+    src = "--base-model" if base_model is not None else f"the {what} config's base_model_name_or_path"
+    if revision is None and base_model is None:
+        revision = adapter_cfg.get("revision")
+    if not Path(candidate).exists() and "/" in str(candidate) and looks_like_repo_id(str(candidate)):
+        candidate = resolve_model(str(candidate), revision).path
+    elif revision is not None and base_model is not None:
+        raise QdoraError(f"--revision {revision} applies to Hub models, but {base_model} is a local folder")
     if not is_model_dir(candidate):
-        src = "--base-model" if base_model is not None else f"the {what} config's base_model_name_or_path"
-        raise QdoraError(f"{src} {str(candidate)!r} is not a local model folder (config.json + safetensors); "
-                         "pass --base-model DIR")
+        raise QdoraError(f"{src} {str(candidate)!r} is not a local model folder (config.json + safetensors) "
+                         "nor a Hub repository id: pass --base-model DIR")
     return Path(candidate)
 
 
@@ -55,12 +65,13 @@ class AdapterMerge:
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, adapter_dir: str | Path, base_model: str | Path | None = None) -> AdapterMerge:
+    def load(cls, adapter_dir: str | Path, base_model: str | Path | None = None,
+             revision: str | None = None) -> AdapterMerge:
         adapter_dir = Path(adapter_dir)
         if not adapter_dir.is_dir():
             raise QdoraError(f"adapter folder {adapter_dir} does not exist")
         spec, cfg = read_adapter_config(adapter_dir)
-        base_dir = resolve_base_dir(base_model, cfg)
+        base_dir = resolve_base_dir(base_model, cfg, revision=revision)
         reader = WeightReader(base_dir)
         model = meta_model(base_dir)
         linears = {p + ".weight" for p in linear_names_in_blocks(model)}

@@ -106,6 +106,7 @@ def merge_adapter(
     base: str = "dequantized",
     shard_size: str | int = "2GB",
     overwrite: bool = False,
+    revision: str | None = None,
 ) -> MergeResult:
     """Write the merged model to `output` (see the module docstring); returns what was done."""
     out_dtype = parse_dtype(dtype)
@@ -114,7 +115,7 @@ def merge_adapter(
     shard_bytes = parse_size(shard_size)
     output = Path(output)
     _check_output(output, overwrite)
-    plan = AdapterMerge.load(adapter_dir, base_model)
+    plan = AdapterMerge.load(adapter_dir, base_model, revision)
     needed = output_bytes(plan.reader, plan.base_dir, out_dtype)
     check_output(output, needed, "the merged model")
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")

@@ -78,6 +78,7 @@ def resolve_resume(output: str | Path, resume: str) -> Path:
 def save_checkpoint(
     output: str | Path, step: int, dist_: Dist, spec: AdapterSpec, adapter_state: dict[str, torch.Tensor],
     optimizer_state: dict, trainer_state: dict[str, Any], base_model: str, keep: int,
+    provenance: dict | None = None,
 ) -> Path:
     """Write checkpoint-STEP atomically (collective: every rank calls it), then prune to the last `keep`."""
     out = Path(output)
@@ -91,7 +92,8 @@ def save_checkpoint(
                 if tmp.exists():
                     shutil.rmtree(tmp)
                 tmp.mkdir(parents=True)
-                save_adapter(None, tmp, spec, base_model=base_model, state=adapter_state)
+                save_adapter(None, tmp, spec, base_model=base_model, state=adapter_state,
+                             provenance=provenance)
                 torch.save(optimizer_state, tmp / "optimizer.pt")
                 torch.save({**trainer_state, "step": step, "world_size": dist_.world_size},
                            tmp / "trainer_state.pt")

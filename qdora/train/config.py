@@ -26,6 +26,9 @@ CHOICES = {
 }
 
 
+RESOLVED_KEY = "resolved"  # train_config.yaml's record of resolved revisions; not an option
+
+
 def _opt(default: Any, help: str, **extra) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
@@ -34,8 +37,14 @@ def _opt(default: Any, help: str, **extra) -> Any:
 class TrainConfig:
     """Options of one training run (names are the CLI flags with dashes turned into underscores)."""
 
-    model: str = _opt(None, "Base model folder: config.json, tokenizer, safetensors (single or index-sharded).")
-    data: str = _opt(None, "Training data: a file (json/jsonl/parquet/csv/txt), a folder of them, or save_to_disk.")
+    model: str = _opt(None, "Base model: a folder (config.json, tokenizer, safetensors, single or index-sharded) "
+                            "or a Hub id org/name (downloaded to the HF cache; a local folder wins).")
+    revision: str = _opt(None, "Hub branch, tag or commit of --model (default: main).")
+    data: str = _opt(None, "Training data: a file (json/jsonl/parquet/csv/txt), a folder of them, save_to_disk, "
+                           "or a dataset repository (Hub id org/name, or a folder laid out like one).")
+    data_split: str = _opt("train", "Split of a dataset repository --data.")
+    data_config: str = _opt(None, "Config (subset) name of a dataset repository --data (and of --eval-split).")
+    data_revision: str = _opt(None, "Hub branch, tag or commit of a dataset --data (and of --eval-split).")
     output: str = _opt(None, "Run folder: final adapter (PEFT format), checkpoints, metrics.jsonl, config.")
     method: str = _opt("dora", "Adapter: dora (QDoRA) or lora (QLoRA).")
     rank: int = _opt(16, "Adapter rank r.")
@@ -57,6 +66,8 @@ class TrainConfig:
     format: str = _opt("auto", "Data format: auto, text, alpaca or chat.")
     completion_only: bool = _opt(False, "Train only on responses (alpaca output / assistant turns).", flag=True)
     eval_data: str = _opt(None, "Held-out data, prepared like --data; eval loss goes to metrics.jsonl.")
+    eval_split: str = _opt(None, "Split for evaluation: of --eval-data if it is a dataset repository (default: "
+                                 "train), else of --data's repository (e.g. test).")
     eval_every: int = _opt(None, "Evaluate every N steps (default: only at the end, when --eval-data is set).")
     save_every: int = _opt(None, "Write OUTPUT/checkpoint-STEP every N steps (default: never, only the final adapter).")
     keep: int = _opt(2, "Keep only the last K checkpoints (0 keeps all).")
@@ -83,6 +94,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise QdoraError(f"--{name.replace('_', '-')} must be a positive integer, not {value}")
+        if self.eval_split is not None and self.eval_data is None and self.eval_split == self.data_split:
+            raise QdoraError(f"--eval-split {self.eval_split} is the training split --data-split: "
+                             "choose a held-out split")
         if self.keep < 0:
             raise QdoraError(f"--keep must be >= 0, not {self.keep}")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
@@ -100,8 +114,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, resolved: dict[str, Any] | None = None) -> str:
+        """The options; `resolved` (what names resolved to: Hub commits) goes under `resolved:`, which
+        `read_yaml` skips, so the file can be given back as --config."""
+        out = self.to_dict()
+        if resolved:
+            out[RESOLVED_KEY] = resolved
+        return yaml.safe_dump(out, sort_keys=False)
 
 
 def option_fields() -> list:
@@ -124,6 +143,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     out = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
+        if name == RESOLVED_KEY:
+            continue
         if name not in known:
             raise QdoraError(f"{path}: unknown option {key!r}")
         out[name] = value

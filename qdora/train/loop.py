@@ -33,7 +33,9 @@ from torch import nn
 from qdora.core.adapt import AdapterSpec, adapter_layers
 from qdora.core.adapter_io import load_adapter_tensors, peft_key, save_adapter
 from qdora.core.load import build_meta_model, fill_param, load_model, open_checkpoint
+from qdora.data.hub_data import RepoSelect
 from qdora.errors import QdoraError
+from qdora.io.hub import looks_like_repo_id, resolve_model
 from qdora.io.os_errors import as_write_failure
 from qdora.io.preflight import check_writable
 from qdora.train.checkpoint import load_checkpoint, resolve_resume, resume_hint, save_checkpoint, set_rng_state
@@ -130,13 +132,10 @@ def _check_output(cfg: TrainConfig) -> Path | None:
     return None
 
 
-def _check_model_dir(cfg: TrainConfig):
+def _check_model_dir(cfg: TrainConfig, model_dir: Path):
     """Tokenizer and config exist and fit the options (before anything heavy)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    model_dir = Path(cfg.model)
-    if not model_dir.is_dir():
-        raise QdoraError(f"--model {cfg.model}: no such folder")
     open_checkpoint(model_dir)
     config = AutoConfig.from_pretrained(str(model_dir))
     context = getattr(config, "max_position_embeddings", None)
@@ -150,14 +149,32 @@ def _check_model_dir(cfg: TrainConfig):
     return tok
 
 
-def _prepare(cfg: TrainConfig, tok, path: str):
+def _prepare(cfg: TrainConfig, tok, path: str, select: RepoSelect):
     from qdora.data.prepare import prepare_data
 
-    if not Path(path).exists():
-        raise QdoraError(f"data path {path} does not exist")
+    if not Path(path).exists() and not ("/" in path and looks_like_repo_id(path)):
+        raise QdoraError(f"data path {path} does not exist (nor is it a Hub dataset id org/name)")
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         raise QdoraError(f"data file {path} is empty")
-    return prepare_data(path, tok, cfg.seq_len, cfg.format, cfg.completion_only, cfg.packing)
+    return prepare_data(path, tok, cfg.seq_len, cfg.format, cfg.completion_only, cfg.packing, select=select)
+
+
+def _data_selects(cfg: TrainConfig) -> tuple[RepoSelect, tuple[str, RepoSelect] | None]:
+    """What --data and the evaluation read: --eval-data (at --eval-split, default train), or --data's
+    repository at --eval-split."""
+    train = RepoSelect(cfg.data_split, cfg.data_config, cfg.data_revision)
+    if cfg.eval_data:
+        return train, (cfg.eval_data, RepoSelect(cfg.eval_split or "train"))
+    if cfg.eval_split:
+        return train, (cfg.data, RepoSelect(cfg.eval_split, cfg.data_config, cfg.data_revision))
+    return train, None
+
+
+def _data_record(path: str, select: RepoSelect, data) -> dict:
+    """What a data source resolved to, for train_config.yaml and the adapter's metadata."""
+    commits = {c for c in data.stats.revisions.values() if c}
+    return {"name": path, "split": select.split, "config": select.config,
+            "revision": commits.pop() if len(commits) == 1 else None}
 
 
 def _schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -237,12 +254,17 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
     if cfg.report_to == "tensorboard":
         check_tensorboard()
     resume_from = _check_output(cfg)
-    tok = _check_model_dir(cfg)
+    model = resolve_model(cfg.model, cfg.revision)
+    tok = _check_model_dir(cfg, model.path)
     spec = AdapterSpec(method=cfg.method, r=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout,
                        target=cfg.target, adapter_dtype="float32")
-    build_meta_model(cfg.model, spec, compute)  # architecture, targets, NF4 block size: refused before loading
-    data = _prepare(cfg, tok, cfg.data)
-    eval_data = _prepare(cfg, tok, cfg.eval_data) if cfg.eval_data else None
+    build_meta_model(model.path, spec, compute)  # architecture, targets, NF4 block size: refused before loading
+    train_select, eval_source = _data_selects(cfg)
+    data = _prepare(cfg, tok, cfg.data, train_select)
+    eval_data = _prepare(cfg, tok, *eval_source) if eval_source else None
+    provenance = {"model": model.record(), "data": _data_record(cfg.data, train_select, data)}
+    if eval_source:
+        provenance["eval_data"] = _data_record(*eval_source, eval_data)
     probe = data.batches(cfg.micro_batch, 1, cfg.seed, True, d.rank, d.world_size)
     if eval_data is not None:
         eval_data.batches(cfg.micro_batch, 1, cfg.seed, False, d.rank, d.world_size)
@@ -264,7 +286,7 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
         holder["wrapper"] = CausalLMLoss(lm)
         shard_model(holder["wrapper"], compute, cfg.offload in ("params", "all"), root_blocks=lm)
 
-    lm, report = load_model(cfg.model, spec, d.device, compute, cfg.seed, shard=shard if d.sharded else None)
+    lm, report = load_model(model.path, spec, d.device, compute, cfg.seed, shard=shard if d.sharded else None)
     wrapper = holder.get("wrapper") or CausalLMLoss(lm)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(lm)
@@ -273,7 +295,7 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
     out = Path(cfg.output)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.yaml").write_text(cfg.to_yaml())
+        (out / "train_config.yaml").write_text(cfg.to_yaml(resolved=provenance))
     d.barrier()
 
     params = [p for p in lm.parameters() if p.requires_grad]
@@ -315,9 +337,9 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
                          "scaler": scaler.state_dict() if scaler is not None else None,
                          "config": cfg.to_dict()}
         return save_checkpoint(out, step, d, spec, _peft_state(trainable), optim, trainer_state, base_model,
-                               cfg.keep)
+                               cfg.keep, provenance)
 
-    base_model = str(Path(cfg.model).resolve())  # adapter_config.json's base_model_name_or_path
+    base_model = model.name  # adapter_config.json's base_model_name_or_path: a Hub id or a folder's path
     result = TrainResult(out, step, "done")
     batches_it = iter(iterator)
     stop = _Stop()
@@ -363,7 +385,7 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
             result.losses[step] = loss
             window_tokens += int(counts[1].item())
             row = None
-            if cfg.eval_data and (cfg.eval_every and step % cfg.eval_every == 0 or step == total_steps):
+            if eval_data is not None and (cfg.eval_every and step % cfg.eval_every == 0 or step == total_steps):
                 row = {"step": step, "eval_loss": evaluate(wrapper, eval_data, cfg, d, compute)}
             if step % cfg.log_every == 0 or step == total_steps or row is not None:
                 now = time.perf_counter()
@@ -384,7 +406,7 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
     if result.status == "done":
         trainable = gather_trainable(lm)
         if d.main:
-            save_adapter(None, out, spec, base_model=base_model, state=_peft_state(trainable))
+            save_adapter(None, out, spec, base_model=base_model, state=_peft_state(trainable), provenance=provenance)
         d.barrier()
     result.model = lm
     return result
