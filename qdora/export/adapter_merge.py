@@ -8,6 +8,7 @@ writes anything. The model structure comes from a meta-device model (no weights 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +21,6 @@ from qdora.core.load import meta_model
 from qdora.core.nf4 import nf4_from_weight
 from qdora.errors import QdoraError
 from qdora.io.weights import WeightReader, is_model_dir
-
-BASES = ("dequantized", "original")
 
 
 def block_linear_keys(model_dir: Path) -> list[str]:
@@ -66,12 +65,15 @@ class AdapterMerge:
 
     @classmethod
     def load(cls, adapter_dir: str | Path, base_model: str | Path | None = None,
-             revision: str | None = None) -> AdapterMerge:
+             revision: str | None = None, check_base: Callable[[Path], None] | None = None) -> AdapterMerge:
+        """The adapter, its base's reader and targets; `check_base(base_dir)` runs before the base is built."""
         adapter_dir = Path(adapter_dir)
         if not adapter_dir.is_dir():
             raise QdoraError(f"adapter folder {adapter_dir} does not exist")
         spec, cfg = read_adapter_config(adapter_dir)
         base_dir = resolve_base_dir(base_model, cfg, revision=revision)
+        if check_base is not None:
+            check_base(base_dir)
         reader = WeightReader(base_dir)
         model = meta_model(base_dir)
         linears = {p + ".weight" for p in linear_names_in_blocks(model)}
