@@ -70,9 +70,9 @@ def plan(model, revision, gpus, gpu_mem, seq_len, rank, micro_batch, method, off
               help="With --adapter: full-precision base, a folder or a Hub id [default: the adapter's "
                    "base_model_name_or_path].")
 @click.option("--revision", default=None, help="With --adapter: Hub branch, tag or commit of --base-model.")
-@click.option("--base", "base_kind", default="dequantized", show_default=True,
-              type=click.Choice(["dequantized", "original"]), help="With --adapter: as `qdora merge --base`.")
-@click.option("--dtype", default="bf16", show_default=True, metavar="bf16|fp16|fp32",
+@click.option("--base", "base_kind", default="dequantized", show_default=True, metavar=BASE.metavar,
+              help="With --adapter: as `qdora merge --base`.")
+@click.option("--dtype", default="bf16", show_default=True, metavar=DTYPE.metavar,
               help="With --adapter: as `qdora merge --dtype` (the merged weights are rounded to it first).")
 @click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="GGUF file to write.")

@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from qdora.errors import QdoraError, doing
-from qdora.export.adapter_merge import BASES, AdapterMerge
+from qdora.core.families import check_family
+from qdora.errors import doing
+from qdora.export.adapter_merge import AdapterMerge
 from qdora.export.gguf_export import export_gguf
 from qdora.export.gguf_tensors import TensorPlan
-from qdora.export.merge import parse_dtype
+from qdora.options import BASE, torch_dtype
 
 
 def merged_source(plan: AdapterMerge, base: str, dtype: torch.dtype):
@@ -36,6 +37,11 @@ def merged_source(plan: AdapterMerge, base: str, dtype: torch.dtype):
             return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
     return source
+
+
+def _check_family(base_dir: Path) -> None:
+    """The base must merge and export: refused before transformers builds it."""
+    check_family(base_dir, ("merge", "export"), command="qdora export")
 
 
 def export_adapter_gguf(
@@ -54,9 +60,8 @@ def export_adapter_gguf(
     Everything is checked first (the adapter fits the base, the base exports, the output has room).
     Returns what `export_gguf` returns: the GGUF a user would run.
     """
-    out_dtype = parse_dtype(dtype)
-    if base not in BASES:
-        raise QdoraError(f"unknown base {base!r}: choose {' or '.join(BASES)}")
-    plan = AdapterMerge.load(adapter_dir, base_model, revision)
+    out_dtype = torch_dtype(dtype)
+    BASE.check(base)
+    plan = AdapterMerge.load(adapter_dir, base_model, revision, check_base=_check_family)
     return export_gguf(plan.base_dir, output_path, outtype=outtype, modelfile=modelfile, quantize=quantize,
                        name=Path(adapter_dir).resolve().name, source=merged_source(plan, base, out_dtype))
