@@ -60,7 +60,7 @@ def check_model_dir(model_dir: Path) -> None:
     if (model_dir / "adapter_config.json").is_file():
         raise QdoraError(
             f"{model_dir} holds an adapter (adapter_config.json), not a merged model: "
-            "run `qdora merge` first and export the merged folder"
+            f"export it with --adapter {model_dir} (merges on the way), or run `qdora merge` first"
         )
     if not (model_dir / "config.json").is_file():
         raise QdoraError(f"{model_dir} is not a Hugging Face model folder: it has no config.json")
