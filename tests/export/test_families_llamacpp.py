@@ -17,7 +17,6 @@ from qdora.cli import main
 from qdora.testing.family_cases import build_case
 from qdora.testing.runs import chat_data
 
-llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
