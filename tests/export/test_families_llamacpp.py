@@ -15,12 +15,11 @@ from click.testing import CliRunner
 
 from qdora.cli import main
 from qdora.testing.family_cases import build_case
+from qdora.testing.llamacpp_oracle import PROMPTS, TEXTS, LlamaCpp, Reference, rel_diff
 from qdora.testing.runs import chat_data
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from tests.export.test_gguf_llamacpp import PROMPTS, TEXTS, LlamaCpp, Reference, _rel_diff  # noqa: E402
 
 FAMILY_CASES = ["qwen3", "qwen3_untied"]
 REL_TOL = {}  # case -> looser f32 bound, each justified where it is set
@@ -58,7 +57,7 @@ def test_trained_merged_exported_matches_transformers(tmp_path, case):
         for prompt in [*PROMPTS, LONG_PROMPT]:
             ids = ref.tok(prompt)["input_ids"]
             hf, ours = ref.logits(ids), cpp.logits(ids)
-            assert _rel_diff(hf, ours) <= REL_TOL.get(case, 1e-4), prompt
+            assert rel_diff(hf, ours) <= REL_TOL.get(case, 1e-4), prompt
             assert cpp.greedy(ids) == ref.greedy(ids), prompt
     finally:
         cpp.close()
