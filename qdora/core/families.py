@@ -116,7 +116,7 @@ register(Family("qwen2", "Qwen2/2.5", gguf_arch="qwen2", chat_formats=("chatml",
 register(Family("qwen3", "Qwen3 (dense)", gguf_arch="qwen3", chat_formats=("chatml",)))
 register(Family("gemma2", "Gemma 2", gguf_arch="gemma2", chat_formats=("gemma",)))
 register(Family("gemma3_text", "Gemma 3 (text)", gguf_arch="gemma3", chat_formats=("gemma",)))
-register(Family("phi3", "Phi-3 / Phi-3.5 / Phi-4-mini", gguf_arch="phi3", chat_formats=("phi3",)))
+register(Family("phi3", "Phi-3 / Phi-3.5 / Phi-4-mini", gguf_arch="phi3", chat_formats=("phi3", "phi4")))
 # The image-text Gemma 3 checkpoints nest the text tower (`model.language_model.*`) beside a vision tower
 # and projector; qdora's loader, merge and export read a plain causal LM, so they are refused by name.
 register(Family(

@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tests.export.test_gguf_llamacpp import PROMPTS, TEXTS, LlamaCpp, Reference, _rel_diff  # noqa: E402
 
 FAMILY_CASES = ["qwen3", "qwen3_untied", "qwen3_yarn", "qwen2_yarn", "gemma2", "gemma3", "phi3", "phi3_longrope",
-                "mistral_tekken"]
+                "phi4_mini", "mistral_tekken"]
 REL_TOL = {"gemma2": 1e-3, "gemma3": 1e-3}  # llama.cpp's fp16 GELU table (module docstring)
 LONG_PROMPT = "The red cat sees the owl near the river and the fox counts forty two stars in the night sky"
 
