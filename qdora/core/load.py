@@ -32,6 +32,7 @@ from torch import nn
 from qdora.core.adapt import AdapterSpec, AdaptReport, adapt_model, adapter_layers
 from qdora.core.layer import NF4Linear, QDoRALinear
 from qdora.core.nf4 import NF4Weight, nf4_from_weight
+from qdora.core.prequantized import bnb_format, companion_of, fill_prequantized, quantized_weights, read_parts
 from qdora.errors import QdoraError
 from qdora.io.weights import WeightReader
 
@@ -179,11 +180,18 @@ def load_model(
     """The adapted, NF4-quantized causal LM, streamed from `model_dir` onto `device`.
 
     `shard(model)` is called on the meta model (e.g. FSDP2 wrapping); parameters are then DTensors and
-    each rank fills only its rows. Adapter parameters keep `spec.adapter_dtype`; other float tensors are
+    each rank fills only its rows. A checkpoint saved pre-quantized by bitsandbytes (NF4) is read as it is
+    (`qdora.core.prequantized`): its bytes become the NF4 storage unchanged; `spec.double_quant` must be
+    the checkpoint's (`base_double_quant`). Adapter parameters keep `spec.adapter_dtype`; other float tensors are
     loaded in `compute_dtype`. Raises QdoraError for missing files, unknown/missing tensors, bad shapes.
     """
     device = torch.device(device)
     reader = open_checkpoint(model_dir)
+    bnb = bnb_format(model_dir)
+    if bnb is not None and bnb.double_quant != spec.double_quant:
+        raise QdoraError(f"{model_dir} is NF4 {'with' if bnb.double_quant else 'without'} double quantization: "
+                         f"load it with AdapterSpec(double_quant={bnb.double_quant}) (see base_double_quant)")
+    quantized = quantized_weights(reader.keys()) if bnb is not None else set()
     model, report = build_meta_model(model_dir, spec, compute_dtype)
     if shard is not None:
         shard(model)
@@ -199,7 +207,19 @@ def load_model(
     for name, read in iter_checkpoint(reader):
         owner, _, leaf = name.rpartition(".")
         module = modules.get(owner)
-        if isinstance(module, (QDoRALinear, NF4Linear)) and leaf == "weight":
+        if companion_of(name) in quantized:  # read with its weight
+            continue
+        if name in quantized:  # pre-quantized bitsandbytes NF4: the bytes as they are
+            parts = read_parts(reader, name)
+            if isinstance(module, (QDoRALinear, NF4Linear)):
+                fill_prequantized(module.base, parts, device)
+                loaded.update(f"{owner}.base.{p}" for p in ("packed", "absmax"))
+            elif name in params:  # a linear qdora keeps in full precision: its dequantized weight
+                fill_param(params[name], parts.dequantize(torch.float32, device))
+                loaded.add(name)
+            else:
+                unknown.append(name)
+        elif isinstance(module, (QDoRALinear, NF4Linear)) and leaf == "weight":
             fill_nf4(module.base, read(), device)
             loaded.update(f"{owner}.base.{p}" for p in ("packed", "absmax"))
         elif isinstance(module, (QDoRALinear, NF4Linear)) and leaf == "bias":

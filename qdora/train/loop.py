@@ -33,6 +33,7 @@ from torch import nn
 from qdora.core.adapt import AdapterSpec, adapter_layers
 from qdora.core.adapter_io import load_adapter_tensors, peft_key, save_adapter
 from qdora.core.load import build_meta_model, fill_param, load_model, open_checkpoint
+from qdora.core.prequantized import base_double_quant
 from qdora.data.hub_data import RepoSelect
 from qdora.errors import QdoraError
 from qdora.io.hub import looks_like_repo_id, resolve_model
@@ -246,7 +247,7 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
     model = resolve_model(cfg.model, cfg.revision)
     tok = _check_model_dir(cfg, model.path)
     spec = AdapterSpec(method=cfg.method, r=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout,
-                       target=cfg.target, adapter_dtype="float32")
+                       target=cfg.target, adapter_dtype="float32", double_quant=base_double_quant(model.path))
     build_meta_model(model.path, spec, compute)  # architecture, targets, NF4 block size: refused before loading
     train_select, eval_source = _data_selects(cfg)
     data = _prepare(cfg, tok, cfg.data, train_select)
