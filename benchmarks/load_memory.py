@@ -1,16 +1,16 @@
 """Peak host memory of loading a model for QDoRA training: qdora's streaming loader vs the naive path.
 
-    python benchmarks/load_memory.py build DIR         # write the ~370 MB fp32 test model once
-    python benchmarks/load_memory.py stream DIR        # qdora.core.load.load_model (meta + safetensors streaming)
-    python benchmarks/load_memory.py naive DIR         # transformers from_pretrained (fp32) + adapt_model
+    python -m benchmarks.load_memory build DIR     # write the ~370 MB fp32 test model once
+    python -m benchmarks.load_memory stream DIR    # qdora.core.load.load_model (meta + safetensors streaming)
+    python -m benchmarks.load_memory naive DIR     # transformers from_pretrained (fp32) + adapt_model
 
 Each mode prints the process's peak RSS (getrusage) and the time; run each in a fresh process.
 """
 
 from __future__ import annotations
 
+import argparse
 import resource
-import sys
 import time
 
 import torch
@@ -20,8 +20,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
-    mode, model_dir = sys.argv[1], sys.argv[2]
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", choices=["build", "stream", "naive"])
+    p.add_argument("model_dir")
+    args = p.parse_args(argv)
+    mode, model_dir = args.mode, args.model_dir
     if mode == "build":
         from qdora.testing.tiny_models import build_tiny_model
 
@@ -39,13 +43,11 @@ def main() -> None:
         from qdora.core.load import load_model
 
         model, _ = load_model(model_dir, spec, "cpu", torch.bfloat16)
-    elif mode == "naive":
+    else:  # naive
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         adapt_model(model, spec)
-    else:
-        raise SystemExit(f"unknown mode {mode}")
     dt = time.perf_counter() - t0
     size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     print(f"{mode}: peak RSS {peak_rss_mb():.0f} MB (after imports {base:.0f} MB), "

@@ -4,7 +4,7 @@ Builds (once) a Llama-shaped model (hidden 1024, MLP 2816, --layers 8: ~380 MB f
 all-linear adapter with trained-like values, then runs the CLI in a child process and reports its max
 RSS (`resource.getrusage(RUSAGE_CHILDREN)`), next to a child that only imports what the CLI imports.
 
-    PYTHONPATH=$PWD python benchmarks/merge_stream.py /tmp/merge-bench --shard-size 50MB --dtype bf16
+    python -m benchmarks.merge_stream /tmp/merge-bench --shard-size 50MB --dtype bf16
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def child_peak(cmd: list[str]) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("root", type=Path)
     ap.add_argument("--shard-size", default="50MB")
     ap.add_argument("--dtype", default="bf16")

@@ -13,11 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.train_step import run  # noqa: E402
-from qdora.tools.plan import GIB, plan_memory  # noqa: E402
-from qdora.tools.presets import preset_config  # noqa: E402
+from benchmarks.train_step import run
+from qdora.tools.plan import GIB, plan_memory
+from qdora.tools.presets import preset_config
 
 CPU_CONFIGS = ["tiny:128", "tiny:512", "small:256"]
 GPU_CONFIGS = ["1b:4096", "8b:2048", "8b:4096", "70b-4layers:2048"]

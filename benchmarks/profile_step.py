@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.bench_model import METHODS, build  # noqa: E402
-from benchmarks.train_step import autocast_for, batch, sync, train_step  # noqa: E402
-from qdora.tools.presets import preset_config  # noqa: E402
+from benchmarks.bench_model import METHODS, build
+from benchmarks.train_step import autocast_for, batch, sync, train_step
+from qdora.tools.presets import preset_config
 
 
 def main(argv=None) -> int:
@@ -34,6 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--loss", default="full", choices=["full", "chunked"])
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--trace", help="also write a Chrome trace here")
+    p.add_argument("--json", dest="json_out", help="write kernel launches per step and the top ops here")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     config = preset_config(args.shape)
@@ -55,7 +53,28 @@ def main(argv=None) -> int:
     print(prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=60))
     if args.trace:
         prof.export_chrome_trace(args.trace)
+    if args.json_out:
+        write_json(prof, args, key, config.num_hidden_layers)
     return 0
+
+
+def write_json(prof, args, key: str, layers: int) -> None:
+    """Kernel launches per step (per decoder layer too) and the top ops by self time, for the GPU check."""
+    import json
+    from pathlib import Path
+
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    cuda = args.device.startswith("cuda")
+    kernels = sum(1 for e in events if e.device_type == DeviceType.CUDA) if cuda else len(events)
+    top = []
+    for e in sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[: args.top]:
+        top.append(dict(name=e.key, calls=e.count, self_us_per_step=getattr(e, key) / args.steps))
+    Path(args.json_out).write_text(json.dumps(dict(
+        method=args.method, shape=args.shape, seq_len=args.seq_len, steps=args.steps,
+        kernels_per_step=kernels / args.steps, kernels_per_layer_step=kernels / args.steps / layers,
+        sort_key=key, top=top), indent=2))
 
 
 if __name__ == "__main__":

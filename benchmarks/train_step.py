@@ -29,12 +29,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.bench_model import METHODS, build  # noqa: E402
-from benchmarks.live_bytes import LiveBytes, storage_bytes  # noqa: E402
-from qdora.errors import QdoraError  # noqa: E402
-from qdora.tools.presets import preset_config  # noqa: E402
+from benchmarks.bench_model import METHODS, build
+from benchmarks.live_bytes import LiveBytes, storage_bytes
+from qdora.errors import QdoraError
+from qdora.tools.presets import preset_config
 
 GIB = 1024**3
 
@@ -238,7 +236,7 @@ def run(argv=None) -> dict:
               f"peak {r['peak_gib']:.3f} GiB  MFU {100 * r['mfu']:.2f}%  loss0 {r['loss_step0']:.5f}",
               file=sys.stderr)
     report = dict(
-        command="python benchmarks/train_step.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        command="python -m benchmarks.train_step " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         device=device_name(device), versions=versions(), shape=args.shape, seq_len=args.seq_len,
         micro_batch=args.micro_batch, rank=args.rank, mem_cap_gib=args.mem_cap_gib,
         alpha=args.alpha, steps=args.steps, warmup=args.warmup,

@@ -9,6 +9,7 @@ import click
 from qdora.cli_errors import QdoraGroup
 from qdora.cli_options import EPILOG, train_options
 from qdora.errors import QdoraError
+from qdora.options import BASE, DTYPE, LOSS, METHOD, OFFLOAD
 
 
 @click.group(cls=QdoraGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,22 +27,28 @@ def main() -> None:
 @click.option("--seq-len", type=int, default=2048, show_default=True)
 @click.option("--rank", type=int, default=16, show_default=True)
 @click.option("--micro-batch", type=int, default=1, show_default=True)
-@click.option("--method", type=click.Choice(["dora", "lora"]), default="dora", show_default=True)
-@click.option("--offload", type=click.Choice(["none", "activations", "params", "all"]), default="none",
-              show_default=True)
-@click.option("--target", default="all-linear", show_default=True, help="all-linear or q_proj,v_proj,...")
-@click.option("--loss", type=click.Choice(["chunked", "full"]), default="chunked", show_default=True)
+@click.option("--method", default="dora", show_default=True, metavar=METHOD.metavar)
+@click.option("--offload", default="none", show_default=True, metavar=OFFLOAD.metavar)
+@click.option("--target", default="all-linear", show_default=True,
+              help="all-linear, names (q_proj,v_proj), or a regex on module paths (as qdora train)")
+@click.option("--loss", default="chunked", show_default=True, metavar=LOSS.metavar)
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
-def plan(model, revision, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, as_json) -> None:
+@click.option("--allow-no-export", is_flag=True, help="plan a family qdora trains but cannot export to GGUF")
+def plan(model, revision, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, as_json,
+         allow_no_export) -> None:
     """Per-GPU memory of a QDoRA run, whether it fits, and the cheapest settings that make it fit.
 
     Exit status 0 when it fits, 1 when it does not (the report then names the settings that would fit).
     """
     import json
 
+    from qdora.core.families import check_family
     from qdora.tools.plan import load_config, plan_memory
 
-    result = plan_memory(load_config(model, revision), gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
+    config = load_config(model, revision)
+    if isinstance(config, dict):  # a model's config.json (presets are Llama shapes)
+        check_family(config, ("train", "export"), allow_no_export, command="qdora plan")
+    result = plan_memory(config, gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
                          micro_batch=micro_batch, method=method, offload=offload, target=target, loss=loss)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.report())
     if not result.fits:
@@ -111,9 +118,8 @@ def _is_main_rank() -> bool:
               help="Full-precision base model: a folder or a Hub id org/name [default: the adapter's "
                    "base_model_name_or_path, at the revision it was trained on].")
 @click.option("--revision", default=None, help="Hub branch, tag or commit of --base-model [default: main].")
-@click.option("--dtype", default="bf16", show_default=True, metavar="bf16|fp16|fp32", help="Output weight dtype.")
-@click.option("--base", "base_kind", default="dequantized", show_default=True,
-              type=click.Choice(["dequantized", "original"]),
+@click.option("--dtype", default="bf16", show_default=True, metavar=DTYPE.metavar, help="Output weight dtype.")
+@click.option("--base", "base_kind", default="dequantized", show_default=True, metavar=BASE.metavar,
               help="dequantized: merge onto the NF4 round trip of the base, the weights training saw (untargeted "
                    "block linears are written dequantized too), so the merged model is the trained model. "
                    "original: merge onto the full-precision base; untouched directions keep full precision, but "
@@ -144,7 +150,7 @@ def merge(adapter_dir: str, output: str, base_model: str | None, revision: str |
                    "`--checkpoints run/checkpoint-*` works unquoted.")
 @click.option("--base-model", default=None, type=click.Path(path_type=str),
               help="Base model folder [default for adapters: the adapter's base_model_name_or_path].")
-@click.option("--base", "base_kind", default=None, type=click.Choice(["dequantized", "original"]),
+@click.option("--base", "base_kind", default=None, metavar=BASE.metavar,
               help="W to compare against: the NF4 round trip training saw (default for adapters) or the "
                    "full-precision weights (default for --finetuned).")
 @click.option("--output", required=True, type=click.Path(file_okay=False, path_type=str),

@@ -32,7 +32,7 @@ def train_options(func):
                                metavar="[DIR|latest]", help=help_text + "  (--resume alone = latest)")
         else:
             typ = {"int": int, "float": float}.get(f.type, str)
-            metavar = "|".join(CHOICES[f.name]) if f.name in CHOICES else None
+            metavar = CHOICES[f.name].metavar if f.name in CHOICES else None
             opt = click.option(flag, f.name, type=typ, default=None, metavar=metavar, help=help_text)
         func = opt(func)
     return click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,

@@ -7,7 +7,6 @@ an empty layer on meta (the streaming loader fills it); a real one is quantized 
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -16,8 +15,7 @@ from torch import nn
 from qdora.core.layer import NF4Linear, QDoRALinear
 from qdora.core.nf4 import NF4Weight
 from qdora.errors import QdoraError
-
-ALL_LINEAR = "all-linear"
+from qdora.options import ADAPTER_DTYPE, ALL_LINEAR, METHOD, parse_target, select_targets, torch_dtype
 
 
 @dataclass
@@ -34,18 +32,17 @@ class AdapterSpec:
     adapter_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
-        if self.method not in ("dora", "lora"):
-            raise QdoraError(f"unknown method {self.method!r}: choose 'dora' or 'lora'")
+        METHOD.check(self.method)
+        parse_target(self.target)
         if int(self.r) < 1:
             raise QdoraError(f"rank must be a positive integer, not {self.r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise QdoraError(f"dropout must be in [0, 1), not {self.dropout}")
-        if self.adapter_dtype not in ("bfloat16", "float32", "float16"):
-            raise QdoraError(f"adapter dtype must be bfloat16, float16 or float32, not {self.adapter_dtype!r}")
+        ADAPTER_DTYPE.check(self.adapter_dtype)
 
     @property
     def torch_adapter_dtype(self) -> torch.dtype:
-        return getattr(torch, self.adapter_dtype)
+        return torch_dtype(self.adapter_dtype)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,24 +94,8 @@ def linear_names_in_blocks(model: nn.Module) -> list[str]:
 
 
 def find_targets(model: nn.Module, target: str | list[str]) -> list[str]:
-    """Module paths to adapt: `all-linear`, a list of leaf names (q_proj, ...), or a regex on paths."""
-    candidates = linear_names_in_blocks(model)
-    if isinstance(target, str) and target != ALL_LINEAR and "," in target:
-        target = [t.strip() for t in target.split(",") if t.strip()]
-    if target == ALL_LINEAR:
-        chosen = candidates
-    elif isinstance(target, str):  # PEFT semantics: a string is a regex matched on the full path
-        chosen = [n for n in candidates if re.fullmatch(target, n)]
-    else:
-        wanted = set(target)
-        chosen = [n for n in candidates if n.rsplit(".", 1)[-1] in wanted]
-    if not chosen:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
-        raise QdoraError(
-            f"no module of {type(model).__name__} matches target {target!r}; the linear modules in its "
-            f"decoder blocks are: {', '.join(leaves) if leaves else 'none'}"
-        )
-    return chosen
+    """Module paths to adapt, in the target grammar of `qdora.options.parse_target`."""
+    return select_targets(target, linear_names_in_blocks(model), type(model).__name__)
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -3,7 +3,7 @@
     y = (x·Ŵᵀ + s·(x·Aᵀ)·Bᵀ) ⊙ (m / n) + bias,   n_i = ||Ŵ_i + s·B_i·A||₂ (detached)
 
 PEFT builds the dense `Ŵ + s·B·A` every step to take its row norms, and dequantizes twice. Here the
-norm comes from the expansion (DESIGN.md §2)
+norm comes from the expansion (docs/design.md, "The DoRA norm")
 
     n_i² = ||Ŵ_i||² + 2s·⟨(Ŵ·Aᵀ)_i, B_i⟩ + s²·B_i·(A·Aᵀ)·B_iᵀ
 
@@ -15,6 +15,8 @@ and the pre-scale output. In `lora` mode the same layer is plain QLoRA (m/n ≡ 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Literal
 
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from qdora.core.nf4 import NF4Spec, NF4Weight, dequantize_nf4
+from qdora.options import METHOD
 
 Method = Literal["dora", "lora"]
 
@@ -58,17 +61,44 @@ def _scale_rows(y: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(y, y, (mn - 1.0).to(y.dtype))
 
 
+@functools.cache
+def _input_names(function: type[torch.autograd.Function]) -> tuple[str, ...]:
+    """Names of `forward`'s named inputs, after ctx (a trailing *args holds frozen tensors: no gradients)."""
+    params = list(inspect.signature(function.forward).parameters.values())[1:]
+    return tuple(p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD)
+
+
+def _needs_grad(ctx, function: type[torch.autograd.Function]) -> dict[str, bool]:
+    """ctx.needs_input_grad by input name."""
+    return dict(zip(_input_names(function), ctx.needs_input_grad, strict=False))  # *nf4 unnamed
+
+
+def _input_grads(ctx, function: type[torch.autograd.Function], **grads: torch.Tensor | None) -> tuple:
+    """What `backward` returns: each input's gradient under the name `forward` gives that input, None for
+    every other input, so adding or reordering an input cannot shift a gradient onto the wrong one."""
+    names = _input_names(function)
+    unknown = set(grads) - set(names)
+    if unknown:
+        raise TypeError(f"{function.__name__}.forward has no input {sorted(unknown)}")
+    return tuple(grads.get(name) for name in names) + (None,) * (len(ctx.needs_input_grad) - len(names))
+
+
 class _QDoRAFunction(torch.autograd.Function):
-    """Forward and backward of the adapted layer in one function (weights frozen: no dW)."""
+    """Forward and backward of the adapted layer in one function (weights frozen: no dW).
+
+    Inputs: x (the base path's input), x_ad (the adapter's: x after dropout, or x itself), the adapter
+    A, B, magnitude (None for lora), the frozen bias, the base's row norms and NF4 tensors
+    (`NF4Weight.tensors()`), and constants.
+    """
 
     @staticmethod
-    def forward(ctx, x, x_ad, a, b, m, bias, packed, absmax, absmax2, code2, offset, code, row_norm_sq,
-                spec: NF4Spec, scale: float, dtype: torch.dtype):
+    def forward(ctx, x, x_ad, a, b, m, bias, row_norm_sq, spec: NF4Spec, scale: float, dtype: torch.dtype,
+                *nf4: torch.Tensor):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         xa2 = x2 if x_ad is x else x_ad.reshape(-1, x_ad.shape[-1]).to(dtype)
         ac, bc = a.to(dtype), b.to(dtype)
-        w = dequantize_nf4(packed, absmax, absmax2, code2, offset, code, spec, dtype)
+        w = dequantize_nf4(*nf4, spec, dtype)
         y = x2 @ w.t()
         xa = xa2 @ ac.t()  # [T, r]
         y.addmm_(xa, bc.t(), alpha=scale)
@@ -87,8 +117,7 @@ class _QDoRAFunction(torch.autograd.Function):
         del w
         if bias is not None:
             y = y + bias.to(out_dtype)
-        ctx.save_for_backward(x2, None if x_ad is x else xa2, xa, ac, bc, y_pre, mn, n,
-                              packed, absmax, absmax2, code2, offset, code)
+        ctx.save_for_backward(x2, None if x_ad is x else xa2, xa, ac, bc, y_pre, mn, n, *nf4)
         ctx.shared_input = x_ad is x
         ctx.spec, ctx.scale, ctx.dtype = spec, scale, dtype
         ctx.in_dtypes = (x.dtype, x_ad.dtype, a.dtype, b.dtype, None if m is None else m.dtype)
@@ -97,12 +126,13 @@ class _QDoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa2, xa, ac, bc, y_pre, mn, n, packed, absmax, absmax2, code2, offset, code = ctx.saved_tensors
+        x2, xa2, xa, ac, bc, y_pre, mn, n, *nf4 = ctx.saved_tensors
         if xa2 is None:
             xa2 = x2
         s, dtype = ctx.scale, ctx.dtype
         x_dt, xad_dt, a_dt, b_dt, m_dt = ctx.in_dtypes
-        need_x, need_xad, need_a, need_b, need_m, need_bias = ctx.needs_input_grad[:6]
+        need = _needs_grad(ctx, _QDoRAFunction)
+        need_x, need_xad, need_a, need_b, need_m, need_bias = (need[k] for k in ("x", "x_ad", "a", "b", "m", "bias"))
         lead = dy.shape[:-1]
         dy2 = dy.reshape(-1, dy.shape[-1])  # the output's dtype (x's)
 
@@ -119,7 +149,7 @@ class _QDoRAFunction(torch.autograd.Function):
 
         dx = dxad = None
         if need_x or (need_xad and ctx.shared_input):
-            w = dequantize_nf4(packed, absmax, absmax2, code2, offset, code, ctx.spec, dtype)
+            w = dequantize_nf4(*nf4, ctx.spec, dtype)
             dx = g @ w
             del w
             if ctx.shared_input:
@@ -128,7 +158,7 @@ class _QDoRAFunction(torch.autograd.Function):
         if need_xad and not ctx.shared_input:
             dxad = (d_xa @ ac).to(xad_dt).reshape(*lead, ac.shape[-1])
         dbias = dy2.sum(0, dtype=torch.float32) if ctx.has_bias and need_bias else None
-        return (dx, dxad, da, db, dm, dbias) + (None,) * 10
+        return _input_grads(ctx, _QDoRAFunction, x=dx, x_ad=dxad, a=da, b=db, m=dm, bias=dbias)
 
 
 def _take_linear(layer: nn.Module, linear: nn.Linear) -> bool:
@@ -145,21 +175,21 @@ class _FrozenNF4Function(torch.autograd.Function):
     """y = x·Ŵᵀ + b for a frozen NF4 weight: saves the packed bytes, re-dequantizes for dx."""
 
     @staticmethod
-    def forward(ctx, x, bias, packed, absmax, absmax2, code2, offset, code, spec: NF4Spec, dtype):
-        w = dequantize_nf4(packed, absmax, absmax2, code2, offset, code, spec, dtype)
+    def forward(ctx, x, bias, spec: NF4Spec, dtype: torch.dtype, *nf4: torch.Tensor):
+        w = dequantize_nf4(*nf4, spec, dtype)
         y = (x.to(dtype) @ w.t()).to(x.dtype)  # x's dtype out, as the adapted layer and bnb's Linear4bit
         if bias is not None:
             y = y + bias.to(x.dtype)
-        ctx.save_for_backward(packed, absmax, absmax2, code2, offset, code)
+        ctx.save_for_backward(*nf4)
         ctx.spec, ctx.dtype, ctx.x_dtype = spec, dtype, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        if not ctx.needs_input_grad[0]:
-            return (None,) * 10
+        if not _needs_grad(ctx, _FrozenNF4Function)["x"]:
+            return _input_grads(ctx, _FrozenNF4Function)
         w = dequantize_nf4(*ctx.saved_tensors, ctx.spec, ctx.dtype)
-        return ((dy.to(ctx.dtype) @ w).to(ctx.x_dtype),) + (None,) * 9
+        return _input_grads(ctx, _FrozenNF4Function, x=(dy.to(ctx.dtype) @ w).to(ctx.x_dtype))
 
 
 class NF4Linear(nn.Module):
@@ -188,8 +218,7 @@ class NF4Linear(nn.Module):
         b = self.base
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            return _FrozenNF4Function.apply(x, self.bias, b.packed, b.absmax, b.absmax2, b.code2, b.offset,
-                                            b.code, b.spec, dtype)
+            return _FrozenNF4Function.apply(x, self.bias, b.spec, dtype, *b.tensors())
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -224,8 +253,7 @@ class QDoRALinear(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        if method not in ("dora", "lora"):
-            raise ValueError(f"method must be 'dora' or 'lora', not {method!r}")
+        METHOD.check(method)
         if r < 1:
             raise ValueError(f"rank must be >= 1, not {r}")
         self.in_features, self.out_features = in_features, out_features
@@ -278,11 +306,8 @@ class QDoRALinear(nn.Module):
         b = self.base
         dtype = compute_dtype(x)  # read before autocast is switched off below
         with torch.autocast(x.device.type, enabled=False):
-            return _QDoRAFunction.apply(
-                x, x_ad, self.lora_A, self.lora_B, self.magnitude, self.bias,
-                b.packed, b.absmax, b.absmax2, b.code2, b.offset, b.code, b.row_norm_sq,
-                b.spec, self.scale, dtype,
-            )
+            return _QDoRAFunction.apply(x, x_ad, self.lora_A, self.lora_B, self.magnitude, self.bias,
+                                        b.row_norm_sq, b.spec, self.scale, dtype, *b.tensors())
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -11,9 +11,9 @@ Every rank reads and quantizes the *whole* tensor of a linear: NF4's double quan
 second-level statistics (absmax2, offset) over all blocks of the weight, so quantizing a row slice alone
 would give different bytes than the single-process model. The full tensor lives only while it is quantized.
 
-Non-persistent buffers (the rotary `inv_freq`) are not in the checkpoint; they are recomputed from the
-config after `to_empty` by re-creating the rotary module on the target device (as transformers' own
-`_init_weights` does). Tied embeddings: when the checkpoint has no `lm_head.weight`, the lm_head is filled
+Non-persistent buffers (the rotary `inv_freq`, Gemma's embedding scale) are not in the checkpoint; they
+are recomputed from the config after `to_empty` (see `_rebuild_buffers`). Tied embeddings: when the
+checkpoint has no `lm_head.weight`, the lm_head is filled
 from the embedding (it is frozen, so a copy is as good as a tie).
 """
 
@@ -130,21 +130,37 @@ def fill_nf4(target: NF4Weight, weight: torch.Tensor, device: torch.device) -> N
         setattr(target, name, getattr(q, name).to(device))
 
 
-def _recreate_rotary(model: nn.Module, device: torch.device) -> None:
-    """Recompute non-persistent buffers (rotary inv_freq) lost by `to_empty`, from the config."""
+def _rebuild_buffers(model: nn.Module, device: torch.device) -> None:
+    """Recompute the non-persistent buffers `to_empty` leaves uninitialised, from the config.
+
+    Rotary modules (one `inv_freq`, or Gemma 3's one per layer type) are re-created on the target
+    device, as transformers' own `_init_weights` does; scaled embeddings (Gemma) get their scalar
+    `embed_scale` back, in the buffer's dtype as transformers stores it. Anything else is refused by name.
+    """
     for path, module in model.named_modules():
-        lost = getattr(module, "_non_persistent_buffers_set", set())
+        lost = set(getattr(module, "_non_persistent_buffers_set", set()))
         if not lost:
             continue
-        if "RotaryEmbedding" not in type(module).__name__ or not hasattr(module, "config"):
-            raise QdoraError(f"{path} ({type(module).__name__}) has non-persistent buffers qdora cannot rebuild")
-        with torch.device(device):
-            fresh = type(module)(config=module.config)
-        for name, buf in fresh.named_buffers(recurse=False):
-            module._buffers[name] = buf.to(device)
-        for attr in ("attention_scaling", "max_seq_len_cached", "original_max_seq_len"):
-            if hasattr(fresh, attr):
-                setattr(module, attr, getattr(fresh, attr))
+        if "RotaryEmbedding" in type(module).__name__ and hasattr(module, "config"):
+            _recreate_rotary(module, device)
+            continue
+        if lost == {"embed_scale"} and hasattr(module, "scalar_embed_scale"):
+            with torch.no_grad():
+                module.embed_scale.copy_(torch.tensor(float(module.scalar_embed_scale)))
+            continue
+        raise QdoraError(f"{path} ({type(module).__name__}) has buffers that are not saved in checkpoints "
+                         f"({', '.join(sorted(lost))}) and that qdora does not know how to recompute: "
+                         "this model family is not supported")
+
+
+def _recreate_rotary(module: nn.Module, device: torch.device) -> None:
+    with torch.device(device):
+        fresh = type(module)(config=module.config)
+    for name, buf in fresh.named_buffers(recurse=False):
+        module._buffers[name] = buf.to(device)
+    for attr, value in vars(fresh).items():  # attention_scaling (per layer type), cached lengths
+        if not attr.startswith("_") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            setattr(module, attr, value)
 
 
 def adapter_init_tensors(layer: QDoRALinear, seed: int) -> dict[str, torch.Tensor]:
@@ -196,7 +212,7 @@ def load_model(
     if shard is not None:
         shard(model)
     model.to_empty(device=device)
-    _recreate_rotary(model, device)
+    _rebuild_buffers(model, device)
 
     modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -7,9 +7,9 @@ with bitsandbytes, keep the packed bytes and per-block statistics as ordinary te
 Row layout means a dim-0 shard holds whole rows, and a rank can fill its shard from a row slice.
 
 Storage dtype: packed bytes and (double-quantized) absmax are uint8 where torch's FSDP2 accepts frozen
-uint8 parameters (torch >= 2.13), else viewed as bfloat16 (DESIGN.md §3). Integer bytes are never
-touched by a float code path; a mixed-precision policy never casts them. Without double quantization the
-fp32 absmax is stored as its raw bytes (uint8 view), for the same reason.
+uint8 parameters (torch >= 2.13), else viewed as bfloat16 (docs/design.md, "NF4 storage that FSDP2 can
+shard"). Integer bytes are never touched by a float code path; a mixed-precision policy never casts them.
+Without double quantization the fp32 absmax is stored as its raw bytes (uint8 view), for the same reason.
 """
 
 from __future__ import annotations
@@ -25,10 +25,30 @@ BLOCKSIZE = 64  # weights per NF4 block (one absmax each), as QLoRA and bitsandb
 NESTED_BLOCKSIZE = 256  # absmax values per second-level block under double quantization
 
 
-def default_storage_dtype() -> torch.dtype:
-    """uint8 where FSDP2 accepts frozen integer parameters (torch >= 2.13), else bytes viewed as bf16."""
+STORAGE_ENV = "QDORA_NF4_STORAGE"  # uint8 | bfloat16: force a layout (tests run torch < 2.13's on newer torch)
+
+
+def torch_accepts_uint8_params() -> bool:
+    """FSDP2 shards frozen uint8 parameters from torch 2.13 on (older: "only Tensors of floating point...")."""
     major, minor = (int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    return torch.uint8 if (major, minor) >= (2, 13) else torch.bfloat16
+    return (major, minor) >= (2, 13)
+
+
+def default_storage_dtype() -> torch.dtype:
+    """uint8 where FSDP2 accepts frozen integer parameters (torch >= 2.13), else bytes viewed as bf16.
+
+    The environment variable QDORA_NF4_STORAGE=bfloat16|uint8 overrides it (uint8 only where torch allows).
+    """
+    import os
+
+    forced = os.environ.get(STORAGE_ENV, "")
+    if forced:
+        if forced not in ("uint8", "bfloat16"):
+            raise QdoraError(f"{STORAGE_ENV}={forced!r}: use uint8 or bfloat16")
+        if forced == "uint8" and not torch_accepts_uint8_params():
+            raise QdoraError(f"{STORAGE_ENV}=uint8 needs torch >= 2.13 (this is {torch.__version__})")
+        return getattr(torch, forced)
+    return torch.uint8 if torch_accepts_uint8_params() else torch.bfloat16
 
 
 def _as_storage(t: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
@@ -114,11 +134,13 @@ class NF4Weight(nn.Module):
         self.row_norm_sq = self.dequantize(torch.float32).pow(2).sum(dim=1)
         return self
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The stored tensors `dequantize_nf4` takes, in its order (an autograd function's frozen inputs)."""
+        return self.packed, self.absmax, self.absmax2, self.code2, self.offset, self.code
+
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The full [out, in] weight, via bitsandbytes' kernel on the storage's device."""
-        return dequantize_nf4(
-            self.packed, self.absmax, self.absmax2, self.code2, self.offset, self.code, self.spec, dtype
-        )
+        return dequantize_nf4(*self.tensors(), self.spec, dtype)
 
     def extra_repr(self) -> str:
         s = self.spec

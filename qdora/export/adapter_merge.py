@@ -8,6 +8,7 @@ writes anything. The model structure comes from a meta-device model (no weights 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +22,6 @@ from qdora.core.nf4 import nf4_from_weight
 from qdora.core.prequantized import bnb_format, companion_of, logical_shape, quantized_weights, read_parts
 from qdora.errors import QdoraError
 from qdora.io.weights import WeightReader, is_model_dir
-
-BASES = ("dequantized", "original")
 
 
 def block_linear_keys(model_dir: Path) -> list[str]:
@@ -69,12 +68,15 @@ class AdapterMerge:
 
     @classmethod
     def load(cls, adapter_dir: str | Path, base_model: str | Path | None = None,
-             revision: str | None = None) -> AdapterMerge:
+             revision: str | None = None, check_base: Callable[[Path], None] | None = None) -> AdapterMerge:
+        """The adapter, its base's reader and targets; `check_base(base_dir)` runs before the base is built."""
         adapter_dir = Path(adapter_dir)
         if not adapter_dir.is_dir():
             raise QdoraError(f"adapter folder {adapter_dir} does not exist")
         spec, cfg = read_adapter_config(adapter_dir)
         base_dir = resolve_base_dir(base_model, cfg, revision=revision)
+        if check_base is not None:
+            check_base(base_dir)
         reader = WeightReader(base_dir)
         model = meta_model(base_dir)
         linears = {p + ".weight" for p in linear_names_in_blocks(model)}
@@ -114,7 +116,7 @@ class AdapterMerge:
                                      f"has shape {tuple(t.shape)}, the base needs {want[name]}")
             self.adapters[key] = (a, b, m if dora else None)
 
-    def check_base(self, base: str) -> None:
+    def check_base_kind(self, base: str) -> None:
         """`original` needs full-precision weights, which a pre-quantized base does not have."""
         if base == "original" and self.prequantized:
             raise QdoraError(f"the base {self.base_dir} is a pre-quantized bitsandbytes NF4 checkpoint: it holds no "
@@ -148,7 +150,7 @@ class AdapterMerge:
         """fp32 W: the NF4 round trip training saw (dequantized) or the checkpoint's own (original).
         A pre-quantized weight (`w` from `weight`) is already that round trip."""
         if key in self.prequantized:
-            self.check_base(base)
+            self.check_base_kind(base)
             return w.float()
         if base == "original":
             return w.float()

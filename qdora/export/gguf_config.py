@@ -6,22 +6,19 @@ byte of the output file is written.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gguf
 
+from qdora.core.families import check_family
+from qdora.core.family_config import read_config, text_config
 from qdora.errors import QdoraError
+from qdora.export.gguf_archs import ARCH_RULES, ArchRules
 
 log = logging.getLogger(__name__)
-
-# HF model_type -> GGUF architecture. Mistral (v0.1-v0.3 style) is a Llama as llama.cpp sees it.
-SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-
 
 @dataclass
 class ModelSpec:
@@ -29,7 +26,7 @@ class ModelSpec:
 
     model_dir: Path
     model_type: str
-    arch: str  # GGUF architecture: "llama" or "qwen2"
+    arch: str  # GGUF architecture (the family's `gguf_arch`): llama, qwen2, qwen3, gemma2, gemma3, phi3
     n_layer: int
     n_embd: int
     n_ff: int
@@ -43,11 +40,17 @@ class ModelSpec:
     tied_embeddings: bool = False
     vocab_rows: int = 0
     name: str = ""
+    cfg: dict[str, Any] = field(default_factory=dict)  # the (text) config.json, for arch-specific keys
+    rope_dim: int = 0  # rotated dimensions per head (partial rotary: fewer than head_dim)
+
+    @property
+    def rules(self) -> ArchRules:
+        return ARCH_RULES[self.arch]
 
     @property
     def permute_qk(self) -> bool:
-        """llama.cpp's llama arch rotates adjacent pairs, HF Llama/Mistral rotate halves; qwen2 matches HF."""
-        return self.arch == "llama"
+        """llama.cpp's llama arch rotates adjacent pairs, HF Llama/Mistral rotate halves; the others match HF."""
+        return self.rules.permute_qk
 
 
 def check_model_dir(model_dir: Path) -> None:
@@ -68,49 +71,71 @@ def check_model_dir(model_dir: Path) -> None:
 
 
 def read_spec(model_dir: Path) -> ModelSpec:
-    """Parse config.json (both the `rope_scaling` and transformers 5's `rope_parameters` spellings)."""
+    """Parse config.json (both the `rope_scaling` and transformers 5's `rope_parameters` spellings).
+
+    The family must be exportable (`qdora.core.families`); the arch's own rules then check the settings
+    llama.cpp cannot reproduce, before anything is written.
+    """
     check_model_dir(model_dir)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED:
-        raise QdoraError(
-            f"unsupported architecture {model_type!r} ({', '.join(cfg.get('architectures') or [])}); "
-            f"qdora exports {', '.join(SUPPORTED)}"
-        )
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise QdoraError(f"hidden_act {cfg['hidden_act']!r} is not supported (llama.cpp uses silu)")
+    full = read_config(model_dir)
+    family = check_family(full, ("export",), command="qdora export")
+    cfg = text_config(full)
+    rules = ARCH_RULES[family.gguf_arch]
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+    if act not in rules.hidden_acts:
+        raise QdoraError(f"hidden activation {act!r} is not supported for {family.name} export "
+                         f"(llama.cpp's {family.gguf_arch} uses {' or '.join(rules.hidden_acts)})")
     if cfg.get("mlp_bias"):
         raise QdoraError("mlp_bias=true is not supported for export")
-    if model_type == "mistral" and cfg.get("sliding_window") and cfg["sliding_window"] < cfg.get(
+    if full.get("model_type") == "mistral" and cfg.get("sliding_window") and cfg["sliding_window"] < cfg.get(
         "max_position_embeddings", 0
     ):
         log.warning("sliding_window=%s is ignored by llama.cpp's llama arch: keep prompts within it",
                     cfg["sliding_window"])
     n_head = cfg["num_attention_heads"]
-    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
-    rope["rope_type"] = rope_type
-    theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    if rope_type not in ("default", "llama3", "linear"):
-        raise QdoraError(f"rope type {rope_type!r} is not supported for export (default, llama3, linear are)")
-    return ModelSpec(
+    rope = rope_settings(cfg)
+    if rope["rope_type"] not in rules.rope_types:
+        raise QdoraError(f"rope type {rope['rope_type']!r} is not supported for {family.name} export "
+                         f"({', '.join(rules.rope_types)} are)")
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    partial = float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) or 1.0)
+    spec = ModelSpec(
         model_dir=model_dir,
-        model_type=model_type,
-        arch=SUPPORTED[model_type],
+        model_type=family.model_type,
+        arch=family.gguf_arch,
         n_layer=cfg["num_hidden_layers"],
         n_embd=cfg["hidden_size"],
         n_ff=cfg["intermediate_size"],
         n_head=n_head,
         n_head_kv=cfg.get("num_key_value_heads") or n_head,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_head,
+        head_dim=head_dim,
         n_ctx_train=cfg.get("max_position_embeddings", 4096),
         rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
+        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
         rope=rope,
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tied_embeddings=bool(full.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))),
         vocab_rows=cfg["vocab_size"],
         name=model_dir.resolve().name,
+        cfg=cfg,
+        rope_dim=int(head_dim * partial),
     )
+    rules.check(spec)
+    return spec
+
+
+def rope_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The rope settings of full-attention layers, `rope_type` normalised ("default" when unscaled).
+
+    transformers 5 writes `rope_parameters`, per layer type for Gemma 3 (`full_attention`,
+    `sliding_attention`); older configs write `rope_scaling` and a top-level `rope_theta`.
+    """
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if "full_attention" in params:
+        params = params["full_attention"] or {}
+    rope = dict(params)
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    rope["rope_type"] = "longrope" if rope_type == "su" else rope_type
+    return rope
 
 
 def write_hparams(writer: gguf.GGUFWriter, spec: ModelSpec, file_type: gguf.LlamaFileType) -> None:
@@ -128,40 +153,26 @@ def write_hparams(writer: gguf.GGUFWriter, spec: ModelSpec, file_type: gguf.Llam
     writer.add_head_count_kv(spec.n_head_kv)
     writer.add_layer_norm_rms_eps(spec.rms_eps)
     writer.add_rope_freq_base(spec.rope_theta)
-    writer.add_rope_dimension_count(spec.head_dim)
-    if spec.head_dim != spec.n_embd // spec.n_head:
+    writer.add_rope_dimension_count(spec.rope_dim)
+    if spec.head_dim != spec.n_embd // spec.n_head or spec.rules.write_head_dim:
         writer.add_key_length(spec.head_dim)
         writer.add_value_length(spec.head_dim)
-    if spec.rope["rope_type"] == "linear":
+    rope_type = spec.rope["rope_type"]
+    if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(spec.rope["factor"]))
+    elif rope_type == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(spec.rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(yarn_original_context(spec)))
+    spec.rules.hparams(writer, spec)
 
 
-def llama3_rope_factors(spec: ModelSpec) -> list[float] | None:
-    """Per-frequency divisors for Llama 3.1's rope scaling (llama.cpp's `rope_freqs` tensor), else None.
-
-    Same rule as transformers' `_compute_llama3_parameters`: long wavelengths are slowed by `factor`,
-    short ones kept, the band between interpolated. The original context comes from the rope settings,
-    as transformers reads it (llama.cpp's converter reads a top-level key and falls back to 8192).
-    """
+def yarn_original_context(spec: ModelSpec) -> int:
+    """YaRN's original context: from the rope settings, else max_position_embeddings / factor (as HF)."""
     rope = spec.rope
-    if rope.get("rope_type") != "llama3":
-        return None
-    dim = spec.head_dim
-    factor = float(rope.get("factor", 8.0))
-    low = float(rope.get("low_freq_factor", 1.0))
-    high = float(rope.get("high_freq_factor", 4.0))
-    old_ctx = float(rope.get("original_max_position_embeddings", 8192))
-    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-    factors = []
-    for i in range(0, dim, 2):
-        freq = 1.0 / (spec.rope_theta ** (i / dim))
-        wavelen = 2 * math.pi / freq
-        if wavelen < high_wavelen:
-            factors.append(1.0)
-        elif wavelen > low_wavelen:
-            factors.append(factor)
-        else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            factors.append(1.0 / ((1 - smooth) / factor + smooth))
-    return factors
+    if rope.get("original_max_position_embeddings"):
+        return int(rope["original_max_position_embeddings"])
+    if spec.cfg.get("original_max_position_embeddings"):
+        return int(spec.cfg["original_max_position_embeddings"])
+    return int(spec.n_ctx_train / float(rope["factor"]))

@@ -17,7 +17,7 @@ import numpy as np
 from safetensors import safe_open
 
 from qdora.errors import QdoraError
-from qdora.export.gguf_config import ModelSpec, llama3_rope_factors
+from qdora.export.gguf_config import ModelSpec
 from qdora.io.weights import WeightReader
 
 Q = gguf.GGMLQuantizationType
@@ -47,6 +47,7 @@ class TensorPlan:
     file: Path | None = None
     permute_heads: int | None = None  # Q/K rows to reorder from rotate-half to interleaved pairs
     data: np.ndarray | None = None  # for tensors made here
+    shift: float = 0.0  # added to the values (Gemma's norms: HF stores w - 1, llama.cpp wants w)
 
     @property
     def nbytes(self) -> int:
@@ -82,14 +83,15 @@ def _storage_type(shape: tuple[int, ...], weight_type: Q) -> Q:
 def plan_tensors(spec: ModelSpec, outtype: str) -> list[TensorPlan]:
     """Map every checkpoint tensor to its GGUF name, type and conversion; add the generated ones."""
     weight_type = OUTTYPES[outtype][0]
-    arch = gguf.MODEL_ARCH.LLAMA if spec.arch == "llama" else gguf.MODEL_ARCH.QWEN2
-    name_map = gguf.get_tensor_name_map(arch, spec.n_layer)
+    rules = spec.rules
+    name_map = gguf.get_tensor_name_map(rules.arch, spec.n_layer)
     reader = WeightReader(spec.model_dir)
     files = reader.files
     shapes = {name: reader.shape(name) for name in files}
+    tied = spec.tied_embeddings or rules.always_tied
     plans = []
     for hf_name in sorted(files, key=_natural_key):
-        if hf_name.endswith(_SKIP_SUFFIXES) or (spec.tied_embeddings and hf_name == "lm_head.weight"):
+        if hf_name.endswith(_SKIP_SUFFIXES) or (tied and hf_name == "lm_head.weight"):
             continue
         name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None or name.startswith(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]):
@@ -102,18 +104,15 @@ def plan_tensors(spec: ModelSpec, outtype: str) -> list[TensorPlan]:
         if spec.permute_qk and (".attn_q." in name or ".attn_k." in name):
             permute = spec.n_head if ".attn_q." in name else spec.n_head_kv
         qtype = _storage_type(shape, weight_type)
-        plans.append(TensorPlan(name, shape, qtype, hf_name, files[hf_name], permute))
+        shift = rules.norm_shift if hf_name.endswith("norm.weight") else 0.0
+        plans.append(TensorPlan(name, shape, qtype, hf_name, files[hf_name], permute, shift=shift))
     names = {p.name for p in plans}
     if "token_embd.weight" not in names:
         raise QdoraError("the checkpoint has no model.embed_tokens.weight")
-    if not spec.tied_embeddings and "output.weight" not in names:
+    if not tied and "output.weight" not in names:
         raise QdoraError("the checkpoint has no lm_head.weight and tie_word_embeddings is false")
-    factors = llama3_rope_factors(spec)
-    if factors is not None:
-        rope_freqs = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-        data = np.asarray(factors, dtype=np.float32)
-        plans.insert(0, TensorPlan(rope_freqs, data.shape, Q.F32, data=data))
-    return plans
+    generated = [TensorPlan(n, d.shape, Q.F32, data=d) for n, d in rules.tensors(spec).items()]
+    return generated + plans
 
 
 def _natural_key(name: str) -> list[object]:
@@ -166,6 +165,8 @@ def write_tensor_data(
                 data = p.data if source is None else source[rows].float().numpy()
                 if p.permute_heads:
                     data = permute_rotary(data, p.permute_heads)
+                if p.shift:
+                    data = data + np.float32(p.shift)
                 encoded = np.ascontiguousarray(_encode(data, p.qtype))
                 fout.write(encoded.data)  # a Python write: a full disk raises OSError(ENOSPC), not numpy's
                 # errno-less "N requested and M written"

@@ -23,14 +23,13 @@ from pathlib import Path
 
 import torch
 
+from qdora.core.families import check_family
 from qdora.errors import QdoraError, doing
-from qdora.export.adapter_merge import BASES, AdapterMerge, edited_config
+from qdora.export.adapter_merge import AdapterMerge, edited_config
 from qdora.io.os_errors import writing
 from qdora.io.preflight import check_output
 from qdora.io.weights import INDEX, SINGLE, WEIGHT_SUFFIXES, ShardedWriter, WeightReader, parse_size
-
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+from qdora.options import BASE, torch_dtype
 
 
 @dataclass
@@ -41,12 +40,6 @@ class MergeResult:
     shards: int
     total_bytes: int
     prequantized_base: bool = False  # the base held NF4 bytes only: merged onto their dequantized weights
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name.lower() not in DTYPES:
-        raise QdoraError(f"unknown dtype {name!r}: choose bf16, fp16 or fp32")
-    return DTYPES[name.lower()]
 
 
 # bytes per element of the safetensors dtypes that are not floating point (kept as they are by a merge)
@@ -103,6 +96,11 @@ def _publish(tmp: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_family(base_dir: Path) -> None:
+    """The base's family must merge (and is expected to export): refused before transformers builds it."""
+    check_family(base_dir, ("merge", "export"), allow_no_export=True, command="qdora merge")
+
+
 def merge_adapter(
     adapter_dir: str | Path,
     output: str | Path,
@@ -114,14 +112,13 @@ def merge_adapter(
     revision: str | None = None,
 ) -> MergeResult:
     """Write the merged model to `output` (see the module docstring); returns what was done."""
-    out_dtype = parse_dtype(dtype)
-    if base not in BASES:
-        raise QdoraError(f"unknown base {base!r}: choose {' or '.join(BASES)}")
+    out_dtype = torch_dtype(dtype)
+    BASE.check(base)
     shard_bytes = parse_size(shard_size)
     output = Path(output)
     _check_output(output, overwrite)
-    plan = AdapterMerge.load(adapter_dir, base_model, revision)
-    plan.check_base(base)
+    plan = AdapterMerge.load(adapter_dir, base_model, revision, check_base=_check_family)
+    plan.check_base_kind(base)
     needed = output_bytes(plan.reader, plan.base_dir, out_dtype, plan.headers())
     check_output(output, needed, "the merged model")
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")

@@ -26,24 +26,44 @@ CASES: dict[str, dict] = {
                             rope_scaling=LLAMA3_ROPE),
     "mistral_spm": dict(family="mistral", tokenizer="sentencepiece"),
     "qwen2": dict(family="qwen2", tokenizer="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(family="qwen3", tokenizer="qwen2", tie_word_embeddings=True),
+    "qwen3_untied": dict(family="qwen3", tokenizer="qwen2"),
 }
+# Families added with the family registry: norms and biases randomised too (HF's 1 and 0 hide mistakes).
+RANDOM_NORMS = {"qwen3", "qwen3_untied", "gemma2", "gemma3", "phi3", "phi3_longrope", "qwen3_yarn",
+                "mistral_tekken"}
 
 
 def build_case(name: str, root: Path, **overrides) -> Path:
     """Build one case under `root/name`; Qwen2 gets random q/k/v biases (HF initialises them to zero)."""
     kwargs = {**CASES[name], "initializer_range": 0.2, **overrides}
     out = build_tiny_model(root / name, seed=1, **kwargs)
-    if kwargs["family"] == "qwen2":
+    if name in RANDOM_NORMS:
+        randomize_norms_and_biases(out)
+    elif kwargs["family"] == "qwen2":
         randomize_biases(out)
     return out
 
 
 def randomize_biases(model_dir: Path, std: float = 0.5) -> None:
     """Give every bias random values so that a mishandled bias shows up in the logits."""
+    _randomize(model_dir, (".bias",), std, 0.0)
+
+
+def randomize_norms_and_biases(model_dir: Path, std: float = 0.5) -> None:
+    """Random biases and norm weights: HF initialises norms to 1 (Gemma: 0, stored as w - 1) and biases to 0,
+    which hides a norm written without its offset, a norm applied to the wrong tensor, or a lost bias."""
+    _randomize(model_dir, (".bias",), std, 0.0)
+    _randomize(model_dir, ("norm.weight",), 0.3, None)
+
+
+def _randomize(model_dir: Path, suffixes: tuple[str, ...], std: float, base: float | None) -> None:
+    """Replace tensors named `*suffix` by `base + N(0, std)` (`base` None: add the noise to the values)."""
     path = model_dir / "model.safetensors"
     tensors = load_file(path)
     gen = torch.Generator().manual_seed(0)
     for name, t in tensors.items():
-        if name.endswith(".bias"):
-            tensors[name] = torch.randn(t.shape, generator=gen, dtype=t.dtype) * std
+        if name.endswith(suffixes):
+            noise = torch.randn(t.shape, generator=gen, dtype=torch.float32) * std
+            tensors[name] = (noise + (t.float() if base is None else base)).to(t.dtype)
     save_file(tensors, path, metadata={"format": "pt"})

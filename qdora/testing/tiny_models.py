@@ -12,10 +12,23 @@ import torch
 
 from qdora.testing.tiny_tokenizers import build_tokenizer
 
+# Per-family shape choices on top of the common ones: head_dim != hidden / heads where the family allows it
+# (Qwen3, Gemma), Gemma 3's real 5 local : 1 global layer pattern with a window shorter than the test
+# prompts, Phi-3's partial rotary.
+FAMILY_DEFAULTS: dict[str, dict] = {
+    "qwen3": dict(head_dim=32),
+    "gemma2": dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=6, num_hidden_layers=2,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0, rms_norm_eps=1e-6),
+    "gemma3_text": dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=6, num_hidden_layers=6,
+                        rms_norm_eps=1e-6),
+    "phi3": dict(partial_rotary_factor=0.5),
+}
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+
 
 def tiny_config(family: str = "llama", vocab_size: int = 448, **overrides):
-    """A transformers config for a tiny model of the given family (llama, mistral, qwen2)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """A transformers config for a tiny model of one family (see TINY_FAMILIES)."""
+    from transformers import AutoConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -31,14 +44,13 @@ def tiny_config(family: str = "llama", vocab_size: int = 448, **overrides):
         eos_token_id=4,
         pad_token_id=1,
     )
-    common.update(overrides)
-    if family == "llama":
-        return LlamaConfig(**common)
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}: choose one of {', '.join(TINY_FAMILIES)}")
     if family == "mistral":
-        return MistralConfig(sliding_window=None, **common)
-    if family == "qwen2":
-        return Qwen2Config(**common)
-    raise ValueError(f"unknown tiny family {family!r}: choose llama, mistral or qwen2")
+        common["sliding_window"] = None
+    common.update(FAMILY_DEFAULTS.get(family, {}))
+    common.update(overrides)
+    return AutoConfig.for_model(family, **common)
 
 
 def build_tiny_model(

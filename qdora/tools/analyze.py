@@ -22,11 +22,12 @@ import torch
 
 from qdora.core.nf4 import nf4_from_weight
 from qdora.errors import QdoraError
-from qdora.export.adapter_merge import BASES, AdapterMerge, block_linear_keys
+from qdora.export.adapter_merge import AdapterMerge, block_linear_keys
 from qdora.io.atomic import atomic_write
 from qdora.io.os_errors import writing
 from qdora.io.preflight import check_writable
 from qdora.io.weights import WeightReader, is_model_dir
+from qdora.options import BASE
 from qdora.tools.analyze_plot import plot_rows
 from qdora.tools.decomposition import ModuleSummary, Row, decomposition_change, summarize
 
@@ -57,10 +58,9 @@ def analyze_adapter(
     step: int | None = None,
 ) -> list[Row]:
     """Rows for every adapted weight: W = the (dequantized) base, W' = the adapter merged onto it."""
-    if base not in BASES:
-        raise QdoraError(f"unknown base {base!r}: choose {' or '.join(BASES)}")
+    BASE.check(base)
     plan = AdapterMerge.load(adapter_dir, base_model)
-    plan.check_base(base)
+    plan.check_base_kind(base)
     step = step_of(adapter_dir) if step is None else step
     rows = []
     for key in sorted(plan.adapters, key=_where):
@@ -90,8 +90,7 @@ def analyze_finetuned(finetuned: str | Path, base_model: str | Path, base: str =
                       step: int | None = None) -> list[Row]:
     """Rows for every decoder-block linear of a fully fine-tuned checkpoint against its base model
     (the base as stored, `original`, or its NF4 round trip, `dequantized`)."""
-    if base not in BASES:
-        raise QdoraError(f"unknown base {base!r}: choose {' or '.join(BASES)}")
+    BASE.check(base)
     for what, d in (("--finetuned", finetuned), ("--base-model", base_model)):
         if d is None or not is_model_dir(d):
             raise QdoraError(f"{what} {d!r} is not a local model folder (config.json + safetensors)")
@@ -132,6 +131,8 @@ def run_analysis(
     checkpoints: list[str | Path] | None = None, base_model: str | Path | None = None, base: str | None = None,
 ) -> tuple[list[Row], list[ModuleSummary]]:
     """What `qdora analyze` does: one source (adapter, fine-tuned model, or checkpoints), CSV + PNG."""
+    if base is not None:
+        BASE.check(base)
     given = [n for n, v in (("--adapter", adapter), ("--finetuned", finetuned), ("--checkpoints", checkpoints))
              if v]
     if len(given) != 1:

@@ -1,6 +1,6 @@
 """`qdora plan`: how much GPU memory one rank needs for a QDoRA run, and what makes it fit.
 
-The model is counted term by term (DESIGN.md §4), per GPU, for N ranks sharding with FSDP2:
+The model is counted term by term (docs/design.md, "The 70B memory budget"), per GPU, for N ranks sharding with FSDP2:
 
 - base: each decoder linear as NF4 — packed bytes (½ B/weight) + double-quantized absmax (1 B per 64
   weights), sharded over N — plus the replicated second-level statistics (fp32 per 256 blocks, 256-entry
@@ -33,14 +33,13 @@ from pathlib import Path
 
 from qdora.core.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE
 from qdora.errors import QdoraError
+from qdora.options import LOSS, METHOD, OFFLOAD, offloads_activations, offloads_params, select_targets
 
 GIB = 1024**3
 CUDA_CONTEXT_GIB = 0.75  # CUDA 12/13 context + cuBLAS workspace on Hopper/Ada: ~0.5-0.8 GiB (assumed)
 FRAGMENTATION = 0.05  # caching-allocator slack over the allocated peak (assumed, to be measured)
 LOSS_CHUNK_COPIES = 3  # fp32 logits chunk, its softmax/gradient, and a bf16 copy rounded up
 FULL_LOSS_BYTES = 10  # per token per vocab entry with transformers' default loss (see module doc)
-OFFLOADS = ("none", "activations", "params", "all")
-LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,11 @@ class Shape:
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
+
+    def linear_paths(self) -> list[str]:
+        """Module paths of every decoder-block linear, as a Llama checkpoint names them (for --target)."""
+        return [f"model.layers.{n}.{'self_attn' if name.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}"
+                f".{name}" for n in range(self.layers) for name in self.linears()]
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(out, in) of every linear of one decoder layer."""
@@ -171,10 +175,11 @@ def nf4_bytes(out_f: int, in_f: int, double_quant: bool = True) -> tuple[int, in
     return shardable, replicated
 
 
-def adapter_param_count(shape: Shape, rank: int, method: str, targets: list[str]) -> int:
-    per_layer = sum(rank * (i + o) + (o if method == "dora" else 0)
-                    for name, (o, i) in shape.linears().items() if name in targets)
-    return per_layer * shape.layers
+def adapter_param_count(shape: Shape, rank: int, method: str, paths: list[str]) -> int:
+    """Adapter parameters on the linears at `paths` (Shape.linear_paths)."""
+    linears = shape.linears()
+    return sum(rank * (i + o) + (o if method == "dora" else 0)
+               for o, i in (linears[p.rsplit(".", 1)[-1]] for p in paths))
 
 
 def layer_recompute_bytes(shape: Shape, tokens: int, method: str, act_bytes: int = 2) -> int:
@@ -217,10 +222,10 @@ def plan_memory(
     """Per-GPU memory of a QDoRA run (see the module docstring for each term)."""
     shape = config if isinstance(config, Shape) else shape_from_config(config)
     _check(gpus, gpu_mem_gib, seq_len, rank, micro_batch, method, offload, loss, loss_chunk)
-    targets = _targets(target)
+    targets = select_targets(target, shape.linear_paths(), "a Llama-shaped model")
     tokens = micro_batch * seq_len
-    offload_params = offload in ("params", "all")
-    offload_acts = offload in ("activations", "all")
+    offload_params = offloads_params(offload)
+    offload_acts = offloads_activations(offload)
 
     shardable = replicated = 0
     for o, i in shape.linears().values():
@@ -268,7 +273,7 @@ def _cheapest_fit(shape: Shape, settings: dict, adapter_bytes: int, dtype_bytes:
     little as possible, then keep the micro batch as large as possible (gradient accumulation makes up
     the rest)."""
     s = settings
-    offloads = OFFLOADS[OFFLOADS.index(s["offload"]):]
+    offloads = OFFLOAD.values[OFFLOAD.values.index(s["offload"]):]
     seqs, L = [], s["seq_len"]
     while L >= 256 or not seqs:
         seqs.append(L)
@@ -296,17 +301,6 @@ def _cheapest_fit(shape: Shape, settings: dict, adapter_bytes: int, dtype_bytes:
     return None
 
 
-def _targets(target: str | list[str]) -> list[str]:
-    if target == "all-linear":
-        return list(LLAMA_LINEARS)
-    names = [t.strip() for t in target.split(",")] if isinstance(target, str) else list(target)
-    bad = [t for t in names if t not in LLAMA_LINEARS]
-    if bad or not names:
-        raise QdoraError(f"unknown target(s) {bad or names}: use all-linear or a comma list of "
-                         f"{', '.join(LLAMA_LINEARS)}")
-    return names
-
-
 def _check(gpus, gpu_mem_gib, seq_len, rank, micro_batch, method, offload, loss, loss_chunk) -> None:
     for name, v in (("gpus", gpus), ("seq_len", seq_len), ("rank", rank), ("micro_batch", micro_batch),
                     ("loss_chunk", loss_chunk)):
@@ -314,11 +308,8 @@ def _check(gpus, gpu_mem_gib, seq_len, rank, micro_batch, method, offload, loss,
             raise QdoraError(f"{name} must be a positive integer, not {v!r}")
     if not gpu_mem_gib > 0 or not math.isfinite(gpu_mem_gib):
         raise QdoraError(f"gpu memory must be a positive number of GiB, not {gpu_mem_gib!r}")
-    if method not in ("dora", "lora"):
-        raise QdoraError(f"unknown method {method!r}: choose dora or lora")
-    if offload not in OFFLOADS:
-        raise QdoraError(f"unknown offload {offload!r}: choose one of {', '.join(OFFLOADS)}")
-    if loss not in ("chunked", "full"):
-        raise QdoraError(f"unknown loss {loss!r}: choose chunked or full")
+    METHOD.check(method)
+    OFFLOAD.check(offload)
+    LOSS.check(loss)
 
 

@@ -14,16 +14,22 @@ from typing import Any
 import yaml
 
 from qdora.errors import QdoraError
+from qdora.options import (
+    DATA_FORMAT,
+    DTYPE,
+    METHOD,
+    OFFLOAD,
+    REPORT_TO,
+    SCHEDULER,
+    offloads_activations,
+    offloads_params,
+    parse_target,
+    torch_dtype,
+)
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-CHOICES = {
-    "method": ("dora", "lora"),
-    "scheduler": ("cosine", "linear", "constant"),
-    "format": ("auto", "text", "alpaca", "chat"),
-    "offload": ("none", "activations", "params", "all"),
-    "dtype": tuple(DTYPES),
-    "report_to": ("none", "tensorboard"),
-}
+# The options of TrainConfig that take one of a fixed set of values (qdora/options.py checks them).
+CHOICES = {"method": METHOD, "scheduler": SCHEDULER, "format": DATA_FORMAT, "offload": OFFLOAD, "dtype": DTYPE,
+           "report_to": REPORT_TO}
 
 
 RESOLVED_KEY = "resolved"  # train_config.yaml's record of resolved revisions; not an option
@@ -79,16 +85,17 @@ class TrainConfig:
     device: str = _opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK).")
     log_every: int = _opt(1, "Log (metrics.jsonl, progress bar) every N steps.")
     report_to: str = _opt("none", "Also log to: none or tensorboard (OUTPUT/tensorboard; needs tensorboard).")
+    allow_no_export: bool = _opt(False, "Train a family qdora can train and merge but not export to GGUF "
+                                        "(a warning instead of the refusal).", flag=True)
 
     def validate(self) -> TrainConfig:
         """Check every value that can be checked without reading files; raises QdoraError."""
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise QdoraError(f"--{name.replace('_', '-')} is required")
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise QdoraError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                                 f"not {getattr(self, name)!r}")
+        for name, choice in CHOICES.items():
+            choice.check(getattr(self, name))
+        parse_target(self.target)
         positive = ("rank", "epochs", "seq_len", "micro_batch", "grad_accum", "log_every")
         for name in positive + ("max_steps", "eval_every", "save_every"):
             value = getattr(self, name)
@@ -107,9 +114,15 @@ class TrainConfig:
 
     @property
     def torch_dtype(self):
-        import torch
+        return torch_dtype(self.dtype)
 
-        return getattr(torch, DTYPES[self.dtype])
+    @property
+    def offload_params(self) -> bool:
+        return offloads_params(self.offload)
+
+    @property
+    def offload_activations(self) -> bool:
+        return offloads_activations(self.offload)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

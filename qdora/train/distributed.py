@@ -1,10 +1,18 @@
 """Distribution and memory policy: process group, FSDP2 wrapping, checkpointing, offload, gathering.
 
 One process (no `torchrun`): no process group, no FSDP, autocast for bf16/fp16 compute.
-Under `torchrun` (WORLD_SIZE > 1): a process group (nccl on CUDA, gloo on CPU), `fully_shard` per decoder
-block and at the root with `MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=fp32)`, optional
-`CPUOffloadPolicy`. uint8 NF4 bytes are never cast by the policy (it casts floating parameters only);
-with torch < 2.13 the bytes are bf16 views, so only bf16 (or fp32: no casting) compute is allowed.
+Under `torchrun` (WORLD_SIZE > 1): a process group (`cuda:nccl,cpu:gloo` on CUDA: with `--offload params`
+the shards and the gathered optimizer state live on the host, which NCCL cannot reach; gloo on CPU),
+`fully_shard` per decoder block and at the root, optional `CPUOffloadPolicy`.
+
+Byte safety (torch < 2.13, NF4 bytes viewed as bf16): FSDP2 copies a group's parameters into one all-gather
+buffer with `torch._foreach_copy_`, which on CUDA goes through fp32 and rewrites every bf16 NaN pattern
+(0.4% of 16-bit words) to one canonical NaN. When a group's all-gather inputs have *mixed* dtypes, FSDP2
+gathers raw bytes (uint8) instead. So with bf16-viewed bytes there is no `MixedPrecisionPolicy` (it would
+make every input bf16): parameters are gathered in their own dtypes (fp32 adapters beside bf16 bytes:
+mixed, so raw bytes) and autocast does the compute casting; `check_byte_safe` refuses any group that
+would still gather bf16-viewed bytes as bf16. With uint8 bytes (torch >= 2.13) the policy
+`MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=fp32)` casts float parameters only.
 Gradient checkpointing is transformers' own per-layer, non-reentrant one (module names stay unchanged,
 so adapter keys stay PEFT's). Activation offload wraps the forward in `save_on_cpu`.
 """
@@ -70,6 +78,19 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return dev
 
 
+BACKEND_ENV = "QDORA_DIST_BACKEND"  # e.g. gloo: 2 ranks sharing one GPU (NCCL refuses that)
+
+
+def process_group_backend(device: torch.device) -> str:
+    """nccl for CUDA tensors plus gloo for the CPU ones (offloaded shards, gathered state); gloo on CPU.
+
+    QDORA_DIST_BACKEND overrides it (`gloo` lets two ranks share one GPU, which NCCL refuses)."""
+    forced = os.environ.get(BACKEND_ENV, "")
+    if forced:
+        return forced
+    return "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+
+
 def setup_distributed(requested_device: str, offload_params: bool = False) -> Dist:
     """Read torchrun's environment and start the process group when there are several ranks.
 
@@ -90,9 +111,9 @@ def setup_distributed(requested_device: str, offload_params: bool = False) -> Di
         if world == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+            dist.init_process_group(process_group_backend(device), rank=0, world_size=1)
         else:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group(process_group_backend(device))
         owns = True
     return Dist(rank, world, local_rank, device, sharded=world > 1 or offload_params, owns_group=owns)
 
@@ -112,27 +133,66 @@ def teardown_distributed(d: Dist) -> None:
 
 
 def check_mixed_precision(compute: torch.dtype, sharded: bool) -> None:
-    """bf16-viewed NF4 bytes (torch < 2.13) must not be cast to fp16 by the FSDP2 policy: refuse clearly."""
-    if sharded and compute == torch.float16 and default_storage_dtype() == torch.bfloat16:
-        raise QdoraError(
-            f"--dtype fp16 with several ranks needs torch >= 2.13 (this is {torch.__version__}): NF4 bytes are "
-            "stored as bf16 views on older torch and an fp16 FSDP2 policy would corrupt them; use --dtype bf16"
-        )
+    """Kept for callers: every compute dtype is byte-safe now (bf16-viewed bytes get no casting policy)."""
+
+
+def fsdp_casts_params() -> bool:
+    """Whether sharded runs use FSDP2's MixedPrecisionPolicy (uint8 bytes) or autocast (bf16-viewed bytes)."""
+    return default_storage_dtype() == torch.uint8
+
+
+def _all_gather_dtypes(model: nn.Module):
+    """(module path, [(parameter, all-gather dtype)]) of every `fully_shard`ed module: the policy's
+    param_dtype for floating parameters it casts, else the parameter's own (FSDP2 internals, torch 2.4+)."""
+    for path, mod in model.named_modules():
+        get_state = getattr(mod, "_get_fsdp_state", None)
+        group = getattr(get_state(), "_fsdp_param_group", None) if get_state is not None else None
+        if group is None:
+            continue
+        cast = getattr(group.mp_policy, "param_dtype", None)
+        out = []
+        for fp in group.fsdp_params:
+            p = fp.sharded_param
+            out.append((p, cast if cast is not None and p.dtype.is_floating_point else p.dtype))
+        yield path or "(root)", out
+
+
+def check_byte_safe(model: nn.Module) -> None:
+    """Refuse a sharded model whose bf16-viewed NF4 bytes FSDP2 would all-gather as bf16 (see the docstring).
+
+    FSDP2 gathers a group in raw bytes exactly when its all-gather inputs (each parameter in its policy
+    dtype, else its own) do not all share one dtype.
+    """
+    from qdora.core.nf4 import NF4Weight
+
+    nf4 = {id(m.packed) for m in model.modules() if isinstance(m, NF4Weight) and m.packed.dtype == torch.bfloat16}
+    nf4 |= {id(m.absmax) for m in model.modules() if isinstance(m, NF4Weight) and m.absmax.dtype == torch.bfloat16}
+    if not nf4:
+        return
+    for path, params in _all_gather_dtypes(model):
+        holds = any(id(p) in nf4 for p, _ in params)
+        dtypes = {dt for _, dt in params}
+        if holds and dtypes == {torch.bfloat16}:
+            raise QdoraError(
+                f"FSDP2 would all-gather {path}'s NF4 bytes (stored as bf16 views on torch {torch.__version__}) "
+                "as bf16, which CUDA's copy kernels corrupt (NaN bit patterns): keep the adapters in fp32, "
+                "or use torch >= 2.13 (uint8 storage)")
 
 
 def shard_model(model: nn.Module, compute: torch.dtype, offload_params: bool, root_blocks: nn.Module | None = None
                 ) -> None:
     """FSDP2: one `fully_shard` per decoder block (of `root_blocks`, default `model`), then `model` as the
-    root (embeddings, final norm, lm_head)."""
+    root (embeddings, final norm, lm_head). The casting policy is byte-safe (module docstring)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     kw = {}
-    if compute != torch.float32:
+    if compute != torch.float32 and fsdp_casts_params():
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     kw["offload_policy"] = CPUOffloadPolicy() if offload_params else OffloadPolicy()
     for block in decoder_blocks(root_blocks if root_blocks is not None else model):
         fully_shard(block, **kw)
     fully_shard(model, **kw)
+    check_byte_safe(model)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -155,8 +215,8 @@ def activation_offload(enabled: bool, device: torch.device):
 
 
 def autocast(device: torch.device, compute: torch.dtype, sharded: bool):
-    """Single process: autocast to the compute dtype (FSDP2's policy does the casting when sharded)."""
-    if sharded or compute == torch.float32:
+    """Autocast to the compute dtype, unless FSDP2's policy does the casting (sharded, uint8 bytes)."""
+    if compute == torch.float32 or (sharded and fsdp_casts_params()):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=compute)
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from qdora.core.adapt import AdapterSpec, adapter_layers
 from qdora.core.adapter_io import load_adapter_tensors, peft_key, save_adapter
+from qdora.core.families import check_family
 from qdora.core.load import build_meta_model, fill_param, load_model, open_checkpoint
 from qdora.core.prequantized import base_double_quant
 from qdora.data.hub_data import RepoSelect
@@ -52,7 +53,7 @@ from qdora.train.distributed import (
     shard_model,
     teardown_distributed,
 )
-from qdora.train.loss import IGNORE_INDEX, chunked_cross_entropy
+from qdora.train.loss import IGNORE_INDEX, LogitsTransform, chunked_cross_entropy
 from qdora.train.metrics import Metrics, check_tensorboard, peak_memory_gb
 
 log = logging.getLogger("qdora.train.loop")
@@ -66,10 +67,11 @@ class CausalLMLoss(nn.Module):
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
+        self.transform = LogitsTransform.from_config(lm.config)  # e.g. Gemma 2's final soft-capping
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.lm.model(input_ids=input_ids, use_cache=False, **kw).last_hidden_state
-        return chunked_cross_entropy(hidden, self.lm.lm_head.weight, labels)
+        return chunked_cross_entropy(hidden, self.lm.lm_head.weight, labels, transform=self.transform)
 
 
 @dataclass
@@ -134,6 +136,7 @@ def _check_model_dir(cfg: TrainConfig, model_dir: Path):
     """Tokenizer and config exist and fit the options (before anything heavy)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    check_family(model_dir, allow_no_export=cfg.allow_no_export)  # first: before any weight or tokenizer is read
     open_checkpoint(model_dir)
     config = AutoConfig.from_pretrained(str(model_dir))
     context = getattr(config, "max_position_embeddings", None)
@@ -225,7 +228,7 @@ def evaluate(wrapper: nn.Module, data, cfg: TrainConfig, d: Dist, compute: torch
 def train(cfg: TrainConfig) -> TrainResult:
     """Run `qdora train` with a resolved config (see `qdora.train.config`). Raises QdoraError on bad input."""
     cfg.validate()
-    d = setup_distributed(cfg.device, cfg.offload in ("params", "all"))
+    d = setup_distributed(cfg.device, cfg.offload_params)
     try:
         return _run(cfg, d)
     except torch.OutOfMemoryError as e:
@@ -274,7 +277,7 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
 
     def shard(lm: nn.Module) -> None:
         holder["wrapper"] = CausalLMLoss(lm)
-        shard_model(holder["wrapper"], compute, cfg.offload in ("params", "all"), root_blocks=lm)
+        shard_model(holder["wrapper"], compute, cfg.offload_params, root_blocks=lm)
 
     lm, report = load_model(model.path, spec, d.device, compute, cfg.seed, shard=shard if d.sharded else None)
     wrapper = holder.get("wrapper") or CausalLMLoss(lm)
@@ -351,7 +354,7 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
             for i, batch in enumerate(batches):
                 if d.sharded:
                     wrapper.set_requires_gradient_sync(i == len(batches) - 1)
-                with activation_offload(cfg.offload in ("activations", "all"), d.device), \
+                with activation_offload(cfg.offload_activations, d.device), \
                         autocast(d.device, compute, d.sharded):
                     loss_sum, _ = wrapper(**batch)
                 scaled = loss_sum * (d.world_size / n_global.to(loss_sum.dtype))

@@ -14,6 +14,8 @@ import pytest
 from benchmarks.bench_model import METHODS
 from benchmarks.train_step import main, markdown, run
 
+pytestmark = pytest.mark.slow  # four methods trained end to end
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):

@@ -32,6 +32,7 @@ def quick(tmp_path_factory):
     return run(Config.quick(), tmp_path_factory.mktemp("quality"), log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_quick_run_structure(quick):
     results = quick
     final = {r["method"]: r for r in results["final"]}
@@ -43,6 +44,7 @@ def test_quick_run_structure(quick):
             assert 0.0 <= r[split]["exact"] <= 1.0 and 0.0 <= r[split]["token_acc"] <= 1.0
 
 
+@pytest.mark.slow
 def test_finetuning_beats_the_untuned_base_on_held_out_questions(quick):
     untuned = quick["reference"]["base (untuned, fp32)"]
     best_acc = max(r["test"]["token_acc"] for r in quick["final"])
@@ -51,6 +53,7 @@ def test_finetuning_beats_the_untuned_base_on_held_out_questions(quick):
     assert best_loss < untuned["loss"] - 0.5
 
 
+@pytest.mark.slow
 def test_section_replaces_only_itself(quick, tmp_path):
     section = markdown_section(quick, "python -m benchmarks.quality --quick")
     assert section.startswith(BEGIN) and TITLE in section and section.rstrip().endswith(END)

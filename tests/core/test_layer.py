@@ -106,8 +106,12 @@ def test_dropout_only_touches_the_adapter_path():
     torch.testing.assert_close(layer(x), x @ layer.base.dequantize(torch.float32).t())
     with torch.no_grad():
         layer.lora_B.normal_()
-    layer.eval()
-    torch.testing.assert_close(layer(x), layer(x))
+    layer.train()
+    assert not torch.allclose(layer(x), layer(x))  # with B != 0, dropout on the adapter's input shows
+    layer.eval()  # and evaluation turns it off: exactly the merged weight
+    merged = merge_weight(layer.base.dequantize(torch.float32), layer.lora_A, layer.lora_B, layer.magnitude,
+                          layer.scale)
+    torch.testing.assert_close(layer(x), x @ merged.t())
 
 
 def test_no_input_grad_skips_dequantization_and_still_trains():

@@ -10,6 +10,8 @@ from qdora.core.adapt import adapter_layers
 from qdora.testing.fsdp_layer_worker import batch, build, step, worker
 from qdora.train.distributed import free_port
 
+pytestmark = pytest.mark.slow  # two spawned ranks
+
 
 def spawn(tiny_llama_dir, tmp_path, mp_bf16: bool) -> None:
     mp.spawn(worker, args=(2, str(tiny_llama_dir), str(tmp_path), free_port(), mp_bf16), nprocs=2, join=True)
@@ -37,7 +39,6 @@ def test_two_ranks_shard_gather_and_step_like_one_process(tiny_llama_dir, tmp_pa
                                        rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.skipif(not hasattr(torch, "bfloat16"), reason="needs bf16")
 def test_bf16_mixed_precision_leaves_nf4_bytes_alone(tiny_llama_dir, tmp_path):
     """MixedPrecisionPolicy(bf16) casts floating params; uint8 NF4 bytes must come through untouched."""
     spawn(tiny_llama_dir, tmp_path, mp_bf16=True)

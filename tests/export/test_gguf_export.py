@@ -275,9 +275,9 @@ def _copy(src: Path, dst: Path) -> Path:
 def test_unsupported_architecture_names_supported_ones(models, tmp_path):
     d = _copy(models["llama"], tmp_path / "phi")
     cfg = json.loads((d / "config.json").read_text())
-    cfg.update(model_type="phi3", architectures=["Phi3ForCausalLM"])
+    cfg.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"])
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(QdoraError, match=r"unsupported architecture 'phi3'.*llama, mistral, qwen2"):
+    with pytest.raises(QdoraError, match=r"'gpt_neox' \(GPTNeoXForCausalLM\) is not a family.*llama \(Llama.*qwen2"):
         export_gguf(d, tmp_path / "m.gguf")
 
 
@@ -367,7 +367,7 @@ def test_cli_export_and_errors(models, tmp_path):
     result = runner.invoke(main, ["export", "--model", str(models["qwen2"]), "--output", str(out),
                                   "--quantize", "Q9_XX"])
     assert result.exit_code == 1
-    assert "Q9_XX" in result.output or "llama-cpp-python" in result.output
+    assert "unknown quantization 'Q9_XX'; llama.cpp offers" in result.output  # llama-cpp-python is a test dependency
 
 
 # --- checkpoints as merges write them -----------------------------------------------------------------
@@ -402,6 +402,7 @@ def test_sharded_checkpoint_equals_single_file(models, tmp_path):
         np.testing.assert_array_equal(np.asarray(ta[name].data), np.asarray(tb[name].data))
 
 
+@pytest.mark.slow
 def test_quantize_without_llama_cpp_says_how_to_install(models, tmp_path):
     """Run in a fresh interpreter where `import llama_cpp` fails, as on a machine without it."""
     import subprocess

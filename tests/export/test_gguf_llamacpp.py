@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import gguf
+import llama_cpp  # a test dependency (scripts/setup.sh --llamacpp): a missing one fails loudly, never skips
 import numpy as np
 import pytest
 import torch
@@ -24,8 +25,7 @@ from qdora.export.gguf_export import export_gguf
 from qdora.export.llamacpp_quantize import quantize_gguf
 from qdora.testing.family_cases import build_case
 
-llama_cpp = pytest.importorskip("llama_cpp")
-pytestmark = pytest.mark.llamacpp
+pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CASES = ["llama", "llama_tied_rope", "mistral_spm", "qwen2"]

@@ -4,7 +4,6 @@ template on the same conversation. Skipped where no `go` toolchain is installed.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
@@ -48,7 +47,7 @@ CONVERSATION = [
 ]
 
 
-@pytest.mark.skipif(shutil.which("go") is None, reason="needs the Go toolchain")
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["llama", "qwen2", "mistral_spm"])
 def test_go_template_renders_like_the_hf_chat_template(tmp_path, case):
     from transformers import AutoTokenizer

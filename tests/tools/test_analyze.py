@@ -49,6 +49,7 @@ def finetuned_copy(base_dir, out, edit):
     return out
 
 
+@pytest.mark.slow
 def test_finetuned_checkpoint_by_hand(tiny_llama_dir, tmp_path):
     c = torch.linspace(0.5, 1.5, 64)
     ft = finetuned_copy(tiny_llama_dir, tmp_path / "ft", lambda s: s[Q].mul_(c[:, None]))

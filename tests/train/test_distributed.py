@@ -20,7 +20,7 @@ from qdora.testing.runs import (
 from qdora.train.distributed import free_port
 from qdora.train.loop import train
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # in-process training: one thread
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # in-process training: one thread
 
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -52,6 +52,7 @@ def data_repo(tmp_path):
     return repo
 
 
+@pytest.mark.slow
 def test_train_from_hub_names_records_revisions(hub, data_repo, tmp_path):
     out = tmp_path / "run"
     cfg = small_config("org/tiny", data_repo, out, data_config="alpaca", eval_split="test", max_steps=2)

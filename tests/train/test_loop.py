@@ -22,6 +22,7 @@ from qdora.train.loop import train
 pytestmark = pytest.mark.usefixtures("one_thread")  # in-process training: one thread
 
 
+@pytest.mark.slow
 def test_cli_trains_alpaca_writes_outputs_and_keeps_last_checkpoints(tiny_llama_dir, tmp_path):
     data = alpaca_data(tmp_path)
     out = tmp_path / "run"
@@ -48,6 +49,7 @@ def test_cli_trains_alpaca_writes_outputs_and_keeps_last_checkpoints(tiny_llama_
     assert saved["rank"] == 8 and saved["lr"] == 5e-3 and saved["completion_only"] is True
 
 
+@pytest.mark.slow
 def test_saved_adapter_reproduces_the_trained_model_in_qdora_and_peft(tiny_llama_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -78,6 +80,7 @@ def test_saved_adapter_reproduces_the_trained_model_in_qdora_and_peft(tiny_llama
     assert (untrained - expected).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["chat", "text"])
 def test_chat_and_text_data_train(tiny_llama_dir, tmp_path, fmt):
     data = chat_data(tmp_path) if fmt == "chat" else text_data(tmp_path)
@@ -89,6 +92,7 @@ def test_chat_and_text_data_train(tiny_llama_dir, tmp_path, fmt):
     assert (out / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_eval_loss_is_logged(tiny_llama_dir, tmp_path):
     data = alpaca_data(tmp_path)
     out = tmp_path / "run"
@@ -113,6 +117,7 @@ def test_yaml_config_with_flag_override_and_help(tiny_llama_dir, tmp_path):
     assert "[default: dora]" in help_text and "torchrun --nproc_per_node" in help_text
 
 
+@pytest.mark.slow
 def test_checkpointing_and_activation_offload_do_not_change_the_numbers(tiny_llama_dir, tmp_path):
     data = alpaca_data(tmp_path)
     runs = {}

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from qdora.train.loss import chunked_causal_lm_loss, chunked_cross_entropy
+from qdora.train.loss import LogitsTransform, chunked_causal_lm_loss, chunked_cross_entropy
 
 
 def _naive(hidden, weight, labels):
@@ -141,7 +141,6 @@ def test_peak_tensor_is_one_chunk_of_logits_not_the_full_logits():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_peak_memory_is_chunk_sized():
     seq, vocab, hid, chunk = 4096, 32000, 256, 256
     hidden = torch.randn(1, seq, hid, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -156,3 +155,26 @@ def test_cuda_peak_memory_is_chunk_sized():
     extra = torch.cuda.max_memory_allocated() - base
     full_fp32_logits = seq * vocab * 4
     assert extra < full_fp32_logits / 4, (extra, full_fp32_logits)
+
+
+@pytest.mark.parametrize("transform", [LogitsTransform(softcap=3.0), LogitsTransform(scale=0.25),
+                                       LogitsTransform(scale=1.7, softcap=2.0)])
+def test_logits_transform_value_and_grads(transform):
+    """Soft-capping / scaling inside the chunks: value and both gradients equal autograd on the full logits."""
+    hidden, weight, labels = _case(torch.float32, seed=5)
+    logits = transform((hidden @ weight.t()).float())
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                          ignore_index=-100, reduction="sum")
+    ref_h, ref_w = torch.autograd.grad(ref, (hidden, weight))
+    total, _ = chunked_cross_entropy(hidden, weight, labels, chunk_size=7, transform=transform)
+    got_h, got_w = torch.autograd.grad(total, (hidden, weight))
+    assert abs(total.item() - _naive(hidden, weight, labels).item()) > 1e-3  # the transform changed the loss
+    torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_h, ref_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_w, ref_w, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_transform_from_config():
+    assert LogitsTransform.from_config({"final_logit_softcapping": 30.0}) == LogitsTransform(softcap=30.0)
+    assert LogitsTransform.from_config({"logits_scaling": 4.0}) == LogitsTransform(scale=0.25)
+    assert LogitsTransform.from_config({"model_type": "llama"}).identity
