@@ -65,6 +65,7 @@ def test_base_original_is_refused_before_anything_is_written(models, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_train_from_bnb_checkpoint_then_merge_says_so(models, tmp_path):
     _, bnb = models
     out = tmp_path / "run"
