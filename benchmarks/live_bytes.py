@@ -6,7 +6,8 @@ pointer, so views count once) with a weak reference, and freed storages are drop
 op's outputs are added. The peak is taken over op boundaries. Storages alive before the mode started
 (parameters, buffers, optimizer states) are added from `baseline`. What it does not see: scratch memory
 a kernel allocates and frees internally, and allocator rounding/caching — so it is a lower bound of
-what a caching allocator would report, close to it for large tensors.
+what a caching allocator would report, close to it for large tensors. `mark()` splits a step into
+phases (live bytes at the mark, peak since the previous one): benchmarks/layer_memory.py uses it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,20 @@ class LiveBytes(TorchDispatchMode):
         self._live: dict[int, tuple[StorageWeakRef, int]] = {}
         self._live_bytes = 0
         self.peak_new = 0
+        self._segment_peak = 0
+
+    @property
+    def current(self) -> int:
+        """Baseline + bytes of the storages created under the mode that are still alive."""
+        self._purge()
+        return self.baseline_bytes + self._live_bytes
+
+    def mark(self) -> tuple[int, int]:
+        """(live bytes now, peak since the previous mark): splits a step into phases (forward, backward)."""
+        now = self.current
+        peak = self.baseline_bytes + max(self._segment_peak, self._live_bytes)
+        self._segment_peak = self._live_bytes
+        return now, peak
 
     @property
     def peak(self) -> int:
@@ -66,4 +81,5 @@ class LiveBytes(TorchDispatchMode):
             self._live[ptr] = (StorageWeakRef(st), st.nbytes())
             self._live_bytes += st.nbytes()
         self.peak_new = max(self.peak_new, self._live_bytes)
+        self._segment_peak = max(self._segment_peak, self._live_bytes)
         return out

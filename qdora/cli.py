@@ -9,7 +9,7 @@ import click
 from qdora.cli_errors import QdoraGroup
 from qdora.cli_options import EPILOG, train_options
 from qdora.errors import QdoraError
-from qdora.options import BASE, DTYPE, LOSS, METHOD, OFFLOAD
+from qdora.options import BASE, DTYPE, EMBEDDINGS, LM_HEAD, LOSS, METHOD, OFFLOAD, OPTIM, TRAIN_ADAPTER_DTYPE
 
 
 @click.group(cls=QdoraGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,10 +32,14 @@ def main() -> None:
 @click.option("--target", default="all-linear", show_default=True,
               help="all-linear, names (q_proj,v_proj), or a regex on module paths (as qdora train)")
 @click.option("--loss", default="chunked", show_default=True, metavar=LOSS.metavar)
+@click.option("--lm-head", default="dense", show_default=True, metavar=LM_HEAD.metavar)
+@click.option("--embeddings", default="host", show_default=True, metavar=EMBEDDINGS.metavar)
+@click.option("--adapter-dtype", default="fp32", show_default=True, metavar=TRAIN_ADAPTER_DTYPE.metavar)
+@click.option("--optim", default="adamw", show_default=True, metavar=OPTIM.metavar)
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 @click.option("--allow-no-export", is_flag=True, help="plan a family qdora trains but cannot export to GGUF")
-def plan(model, revision, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, as_json,
-         allow_no_export) -> None:
+def plan(model, revision, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, lm_head,
+         embeddings, adapter_dtype, optim, as_json, allow_no_export) -> None:
     """Per-GPU memory of a QDoRA run, whether it fits, and the cheapest settings that make it fit.
 
     Exit status 0 when it fits, 1 when it does not (the report then names the settings that would fit).
@@ -49,7 +53,8 @@ def plan(model, revision, gpus, gpu_mem, seq_len, rank, micro_batch, method, off
     if isinstance(config, dict):  # a model's config.json (presets are Llama shapes)
         check_family(config, ("train", "export"), allow_no_export, command="qdora plan")
     result = plan_memory(config, gpus=gpus, gpu_mem_gib=gpu_mem, seq_len=seq_len, rank=rank,
-                         micro_batch=micro_batch, method=method, offload=offload, target=target, loss=loss)
+                         micro_batch=micro_batch, method=method, offload=offload, target=target, loss=loss,
+                         lm_head=lm_head, embeddings=embeddings, adapter_dtype=adapter_dtype, optim=optim)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.report())
     if not result.fits:
         raise SystemExit(1)

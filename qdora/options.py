@@ -40,10 +40,15 @@ DATA_FORMAT = Choice("format", ("auto", "text", "alpaca", "chat"))
 REPORT_TO = Choice("report-to", ("none", "tensorboard"))
 LOSS = Choice("loss", ("chunked", "full"))
 BASE = Choice("base", ("dequantized", "original"))  # the W an adapter is merged onto / compared against
+LM_HEAD = Choice("lm-head", ("dense", "nf4"))  # the frozen output layer: compute dtype, or NF4 (vocab-sliced loss)
+EMBEDDINGS = Choice("embeddings", ("host", "device"))  # where the frozen input embedding table lives
+OPTIM = Choice("optim", ("adamw", "adamw8bit", "paged_adamw8bit"))
+ON_SPIKE = Choice("on-spike", ("warn", "stop"))
 
 # The one dtype table: short names users type, and torch's names (what adapter_config.json records).
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 ADAPTER_DTYPE = Choice("adapter dtype", tuple(TORCH_DTYPE_NAMES.values()))
+TRAIN_ADAPTER_DTYPE = Choice("adapter-dtype", ("fp32", "bf16"))  # what `--adapter-dtype` accepts (short names)
 
 
 def torch_dtype(name: str):

@@ -4,21 +4,32 @@ The model is counted term by term (docs/design.md, "The 70B memory budget"), per
 
 - base: each decoder linear as NF4 — packed bytes (½ B/weight) + double-quantized absmax (1 B per 64
   weights), sharded over N — plus the replicated second-level statistics (fp32 per 256 blocks, 256-entry
-  code, offset, NF4 code) and the fp32 row norms DoRA needs; embeddings, lm_head and norms stay in the
-  model dtype (bf16) and are sharded. With `--offload params|all` the sharded part lives in host memory.
-- adapters: r·(in+out) (+ out for the DoRA magnitude) per target; parameter + gradient + AdamW's two
-  states, all in the adapter dtype (fp32 by default: 16 B/parameter), sharded over N; on the host with
-  parameter offload (FSDP2's CPUOffloadPolicy steps the optimizer on the CPU).
-- checkpoints: one hidden state per layer boundary, micro_batch·seq·hidden in bf16, for every layer
-  (2 in flight with `--offload activations|all`).
+  code, offset, NF4 code) and the fp32 row norms DoRA needs; layer norms sharded. The root group (lm_head,
+  final norm, and the input embedding unless `embeddings="host"`) is gathered by FSDP2 from the forward
+  through the backward, so it counts in full plus this rank's shard. The lm_head is dense (compute dtype)
+  or NF4 (`lm_head="nf4"`). With `--offload params|all` the sharded part lives in host memory.
+- host embedding (`embeddings="host"`, the default): the input embedding stays in host memory; only the
+  looked-up rows travel to the GPU (qdora/core/host_embedding.py). Counted in host memory.
+- adapters: r·(in+out) (+ out for the DoRA magnitude) per target; parameter + gradient in the adapter
+  dtype (fp32 or bf16) plus the optimizer's two states (AdamW: adapter dtype; 8-bit AdamW: 1 B each),
+  sharded over N; on the host with parameter offload (FSDP2's CPUOffloadPolicy steps the optimizer there).
+- checkpoints: one hidden state per layer boundary, micro_batch·seq·hidden in bf16, for every layer; with
+  `--offload activations|all` they go to pinned host memory on a side stream
+  (qdora/train/offload.py) and `OFFLOADED_HIDDENS_IN_FLIGHT` remain on the GPU.
 - recompute: one layer's saved tensors while its backward runs (see `layer_recompute_bytes`).
 - logits: transformers' full loss peaks at ~10 B per token per vocab entry (bf16 logits, their fp32
-  copy, the fp32 log-softmax); a chunked loss holds `LOSS_CHUNK_COPIES` fp32 copies of one chunk.
+  copy, the fp32 log-softmax); a chunked loss holds `LOSS_CHUNK_COPIES` fp32 copies of one chunk; the
+  NF4-head loss walks the vocabulary in slices (see `nf4_head_loss_bytes`).
 - transient: the largest dequantized matrix (bf16), alive with the recompute (the loss and a layer's
   backward never run at once, so the larger of loss and recompute+dequantized counts) plus, when the base
   is sharded or offloaded, two layers' NF4 bytes gathered (the current layer and FSDP2's prefetch).
 - overhead: CUDA context and library workspaces (`CUDA_CONTEXT_GIB`, outside the caching allocator)
-  and fragmentation (`FRAGMENTATION` of the allocated peak). Both are assumptions still to be measured.
+  and fragmentation (`FRAGMENTATION` of the allocated peak). Both are assumptions still to be measured,
+  and the report says so.
+
+When a run does not fit, the suggestion keeps the sequence length, then keeps the base on the GPUs
+(hidden-state offload, NF4 lm_head, bf16 adapters, 8-bit AdamW, in that order) before streaming it from
+host memory (`--offload params`).
 
 `allocated_bytes` is comparable with `torch.cuda.max_memory_allocated`; `total_bytes` with the card.
 Sizes are bytes; `--gpu-mem` is in GiB (a "24 GB" RTX 3090/4090 has 24 GiB).
@@ -33,13 +44,27 @@ from pathlib import Path
 
 from qdora.core.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE
 from qdora.errors import QdoraError
-from qdora.options import LOSS, METHOD, OFFLOAD, offloads_activations, offloads_params, select_targets
+from qdora.options import (
+    EMBEDDINGS,
+    LM_HEAD,
+    LOSS,
+    METHOD,
+    OFFLOAD,
+    OPTIM,
+    TRAIN_ADAPTER_DTYPE,
+    offloads_activations,
+    offloads_params,
+    select_targets,
+)
 
 GIB = 1024**3
 CUDA_CONTEXT_GIB = 0.75  # CUDA 12/13 context + cuBLAS workspace on Hopper/Ada: ~0.5-0.8 GiB (assumed)
 FRAGMENTATION = 0.05  # caching-allocator slack over the allocated peak (assumed, to be measured)
 LOSS_CHUNK_COPIES = 3  # fp32 logits chunk, its softmax/gradient, and a bf16 copy rounded up
 FULL_LOSS_BYTES = 10  # per token per vocab entry with transformers' default loss (see module doc)
+ADAPTER_DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+OFFLOADED_HIDDENS_IN_FLIGHT = 3  # with --offload activations: in use, being copied out, prefetched back
+NF4_HEAD_VOCAB_SLICE = 8192  # vocab rows the NF4-head loss dequantizes at a time (qdora/train/nf4_head_loss.py)
 
 
 @dataclass(frozen=True)
@@ -98,28 +123,45 @@ class MemoryPlan:
         return asdict(self)
 
     def report(self) -> str:
-        s = self.settings
+        s, d = self.settings, self.details
         g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+        head = "NF4" if s["lm_head"] == "nf4" else "dense"
+        embed = "on the host" if s["embeddings"] == "host" else "on the GPU"
         lines = [
             f"qdora plan: {s['gpus']} GPU(s) x {self.gpu_mem_bytes / GIB:g} GiB, seq {s['seq_len']}, "
             f"micro-batch {s['micro_batch']}, r={s['rank']} {s['method']}, target {s['target']}, "
-            f"offload {s['offload']}, loss {s['loss']}",
-            f"  quantized base shard    {g(self.base)}   (NF4 + absmax + 2nd-level stats; embeddings/lm_head bf16)",
-            f"  adapters+grads+AdamW    {g(self.adapters)}   ({self.details['adapter_params']:,} params)",
-            f"  checkpointed hiddens    {g(self.checkpoints)}",
+            f"offload {s['offload']}, loss {s['loss']}, lm_head {s['lm_head']}, embeddings {s['embeddings']}, "
+            f"adapters {s['adapter_dtype']}, optim {s['optim']}",
+            f"  quantized base          {g(self.base)}   (NF4 decoder shard; root gathered all step: {head} "
+            f"lm_head {d['root_frozen'] / GIB:.2f} GiB; input embedding {embed})",
+            f"  adapters+grads+optim    {g(self.adapters)}   ({d['adapter_params']:,} params x "
+            f"{d['adapter_bytes_per_param']} B)",
+            f"  checkpointed hiddens    {g(self.checkpoints)}"
+            + ("   (offloaded to pinned host memory; 3 in flight)" if s["offload"] in ("activations", "all") else ""),
             f"  layer recompute         {g(self.recompute)}",
             f"  logits / loss           {g(self.logits)}   (the larger of this and recompute+dequantized counts)",
             f"  transients              {g(self.transient)}",
             f"  = allocated peak        {g(self.allocated_bytes)}",
-            f"  context+fragmentation   {g(self.overhead)}",
+            f"  context+fragmentation   {g(self.overhead)}   (ASSUMED, not yet measured: CUDA context "
+            f"{d['cuda_context_gib']:g} GiB + {100 * d['fragmentation']:g}% of the allocated peak)",
             f"  = total per GPU         {g(self.total_bytes)}",
+            f"  host memory per rank    {g(d['host_bytes_per_rank'])}   (pinned hiddens, host embedding, "
+            "offloaded shards + optimizer)",
         ]
+        margin = (self.gpu_mem_bytes - self.total_bytes) / GIB
+        where = "base on the GPUs" if s["offload"] not in ("params", "all") else "base streamed from host memory"
         if self.fits:
-            lines.append(f"fits: {self.total_bytes / GIB:.1f} GiB <= {self.gpu_mem_bytes / GIB:g} GiB")
+            lines.append(f"fits ({where}): {self.total_bytes / GIB:.1f} GiB <= {self.gpu_mem_bytes / GIB:g} GiB, "
+                         f"margin {margin:.1f} GiB")
         else:
-            lines.append(f"does not fit: {self.total_bytes / GIB:.1f} GiB > {self.gpu_mem_bytes / GIB:g} GiB; "
-                         + (f"fits with {self.suggestion['flags']} ({self.suggestion['total_gib']:.1f} GiB)"
-                            if self.suggestion else "no offload/micro-batch/sequence setting makes it fit"))
+            sug = self.suggestion
+            if sug:
+                where = "the base stays on the GPUs" if sug["base_resident"] else "the base streams from host memory"
+                tail = (f"fits with {sug['flags']} ({sug['total_gib']:.1f} GiB, margin {sug['margin_gib']:.1f} "
+                        f"GiB; {where})")
+            else:
+                tail = "no offload/precision/micro-batch/sequence setting makes it fit"
+            lines.append(f"does not fit: {self.total_bytes / GIB:.1f} GiB > {self.gpu_mem_bytes / GIB:g} GiB; {tail}")
         return "\n".join(lines)
 
 
@@ -203,6 +245,39 @@ def layer_recompute_bytes(shape: Shape, tokens: int, method: str, act_bytes: int
     return t * (act_bytes * (attn + mlp) + 2 * 4 * h)
 
 
+def root_bytes(shape: Shape, embeddings: str, lm_head: str, dtype_bytes: int = 2) -> tuple[int, int]:
+    """(GPU bytes, host bytes) of the root parameters FSDP2 keeps gathered all step: the lm_head (dense in
+    the compute dtype, or NF4), the final norm, and the input embedding unless it lives on the host."""
+    h, v = shape.hidden, shape.vocab
+    if lm_head == "nf4":
+        sh, rep = nf4_bytes(v, h)
+        head = sh + rep
+    else:
+        head = v * h * dtype_bytes
+    embed = v * h * dtype_bytes
+    gpu = head + h * dtype_bytes + (embed if embeddings == "device" else 0)
+    if shape.tied and lm_head == "dense" and embeddings == "device":
+        gpu -= embed  # one tensor serves both
+    return gpu, (embed if embeddings == "host" else 0)
+
+
+def adapter_bytes_per_param(adapter_dtype: str, optim: str) -> int:
+    """Parameter + gradient in the adapter dtype, plus the optimizer's states: AdamW keeps two in the
+    parameter's dtype, bitsandbytes' 8-bit AdamW two uint8 (its per-256 fp32 absmax is ignored)."""
+    p = ADAPTER_DTYPE_BYTES[adapter_dtype]
+    return 2 * p + (2 if optim in ("adamw8bit", "paged_adamw8bit") else 2 * p)
+
+
+def nf4_head_loss_bytes(shape: Shape, tokens: int, vocab_slice: int = NF4_HEAD_VOCAB_SLICE,
+                        dtype_bytes: int = 2) -> int:
+    """Peak of the NF4-head loss (qdora/train/nf4_head_loss.py): `LOSS_CHUNK_COPIES` fp32 [tokens, slice]
+    logits copies, one dequantized [slice, hidden] slice, and the fp32 [tokens, hidden] input-gradient
+    accumulator plus its compute-dtype copy."""
+    s = min(vocab_slice, shape.vocab)
+    h = shape.hidden
+    return LOSS_CHUNK_COPIES * 4 * tokens * s + s * h * dtype_bytes + tokens * h * (4 + dtype_bytes)
+
+
 def plan_memory(
     config,
     gpus: int = 1,
@@ -215,17 +290,24 @@ def plan_memory(
     target: str | list[str] = "all-linear",
     loss: str = "chunked",
     loss_chunk: int = 1024,
-    adapter_bytes_per_elem: int = 4,
+    embeddings: str = "host",
+    lm_head: str = "dense",
+    adapter_dtype: str = "fp32",
+    optim: str = "adamw",
     dtype_bytes: int = 2,
     suggest: bool = True,
 ) -> MemoryPlan:
     """Per-GPU memory of a QDoRA run (see the module docstring for each term)."""
     shape = config if isinstance(config, Shape) else shape_from_config(config)
     _check(gpus, gpu_mem_gib, seq_len, rank, micro_batch, method, offload, loss, loss_chunk)
+    for choice, value in ((EMBEDDINGS, embeddings), (LM_HEAD, lm_head), (TRAIN_ADAPTER_DTYPE, adapter_dtype),
+                          (OPTIM, optim)):
+        choice.check(value)
     targets = select_targets(target, shape.linear_paths(), "a Llama-shaped model")
     tokens = micro_batch * seq_len
     offload_params = offloads_params(offload)
     offload_acts = offloads_activations(offload)
+    sharded = gpus > 1 or offload_params
 
     shardable = replicated = 0
     for o, i in shape.linears().values():
@@ -235,45 +317,88 @@ def plan_memory(
     layer_nf4 = shardable
     shardable *= shape.layers
     replicated *= shape.layers
-    dense = (shape.vocab * shape.hidden * (1 if shape.tied else 2) + (2 * shape.layers + 1) * shape.hidden)
-    dense_bytes = dense * dtype_bytes
-    base = replicated + (0 if offload_params else math.ceil((shardable + dense_bytes) / gpus))
+    layer_norms = 2 * shape.layers * shape.hidden * dtype_bytes
+    root, host_embed = root_bytes(shape, embeddings, lm_head, dtype_bytes)
+    # FSDP2 keeps the root group gathered from forward through backward: the full root on every GPU,
+    # plus this rank's shard of it (on the host with parameter offload).
+    root_resident = root + (math.ceil(root / gpus) if sharded and not offload_params else 0)
+    base = replicated + root_resident + (0 if offload_params else math.ceil((shardable + layer_norms) / gpus))
 
     n_adapter = adapter_param_count(shape, rank, method, targets)
-    adapters = 0 if offload_params else math.ceil(n_adapter * 4 * adapter_bytes_per_elem / gpus)
+    per_param = adapter_bytes_per_param(adapter_dtype, optim)
+    adapter_total = n_adapter * per_param
+    adapters = 0 if offload_params else math.ceil(adapter_total / gpus)
 
     boundary = tokens * shape.hidden * dtype_bytes
-    checkpoints = (2 if offload_acts else shape.layers) * boundary
+    checkpoints = (OFFLOADED_HIDDENS_IN_FLIGHT if offload_acts else shape.layers) * boundary
     recompute = layer_recompute_bytes(shape, tokens, method, dtype_bytes)
     if loss == "full":
         logits = FULL_LOSS_BYTES * tokens * shape.vocab
+    elif lm_head == "nf4":
+        logits = nf4_head_loss_bytes(shape, tokens, dtype_bytes=dtype_bytes)
     else:
         logits = LOSS_CHUNK_COPIES * 4 * min(loss_chunk, tokens) * shape.vocab
     largest = max(o * i for o, i in shape.linears().values())
     dequantized = largest * dtype_bytes
-    transient = dequantized + (2 * layer_nf4 if (gpus > 1 or offload_params) else 0)
+    transient = dequantized + (2 * layer_nf4 if sharded else 0)
 
     allocated = base + adapters + checkpoints + max(recompute + dequantized, logits) + transient - dequantized
     overhead = int(CUDA_CONTEXT_GIB * GIB + FRAGMENTATION * allocated)
     total = allocated + overhead
+    host = host_embed + (shape.layers * boundary if offload_acts else 0)
+    if offload_params:
+        host += math.ceil((shardable + layer_norms + root) / gpus) + math.ceil(adapter_total / gpus)
     settings = dict(gpus=gpus, gpu_mem_gib=gpu_mem_gib, seq_len=seq_len, rank=rank, micro_batch=micro_batch,
-                    method=method, offload=offload, target=target, loss=loss, loss_chunk=loss_chunk)
-    details = dict(nf4_shardable_total=shardable, nf4_replicated=replicated, dense_frozen_total=dense_bytes,
-                   adapter_params=n_adapter, checkpoint_per_layer=boundary, largest_dequantized=largest * 2,
-                   layer_nf4=layer_nf4)
+                    method=method, offload=offload, target=target, loss=loss, loss_chunk=loss_chunk,
+                    embeddings=embeddings, lm_head=lm_head, adapter_dtype=adapter_dtype, optim=optim)
+    details = dict(nf4_shardable_total=shardable, nf4_replicated=replicated, root_frozen=root,
+                   root_resident=root_resident, host_embedding=host_embed, adapter_params=n_adapter,
+                   adapter_bytes_per_param=per_param, checkpoint_per_layer=boundary,
+                   largest_dequantized=largest * dtype_bytes, layer_nf4=layer_nf4, host_bytes_per_rank=host,
+                   cuda_context_gib=CUDA_CONTEXT_GIB, fragmentation=FRAGMENTATION)
     plan = MemoryPlan(base, adapters, checkpoints, recompute, logits, transient, overhead, allocated, total,
                       int(gpu_mem_gib * GIB), total <= gpu_mem_gib * GIB, settings, details)
     if not plan.fits and suggest:
-        plan.suggestion = _cheapest_fit(shape, settings, adapter_bytes_per_elem, dtype_bytes)
+        plan.suggestion = _cheapest_fit(shape, settings, dtype_bytes)
     return plan
 
 
-def _cheapest_fit(shape: Shape, settings: dict, adapter_bytes: int, dtype_bytes: int) -> dict | None:
-    """The least costly change that fits: keep the sequence length if at all possible, then offload as
-    little as possible, then keep the micro batch as large as possible (gradient accumulation makes up
-    the rest)."""
+# What may change to make a run fit, cheapest first: exact memory modes (hidden states to pinned host
+# memory), then approximations that keep the base on the GPUs (NF4 lm_head, bf16 adapters, 8-bit AdamW),
+# then streaming the base from host memory every step.
+_LADDER = (
+    {},
+    {"offload": "activations"},
+    {"offload": "activations", "lm_head": "nf4"},
+    {"offload": "activations", "lm_head": "nf4", "adapter_dtype": "bf16"},
+    {"offload": "activations", "lm_head": "nf4", "adapter_dtype": "bf16", "optim": "adamw8bit"},
+    {"offload": "params"},
+    {"offload": "all"},
+    {"offload": "all", "lm_head": "nf4", "adapter_dtype": "bf16", "optim": "adamw8bit"},
+)
+_ORDER = {"offload": OFFLOAD.values, "lm_head": LM_HEAD.values, "adapter_dtype": TRAIN_ADAPTER_DTYPE.values,
+          "optim": OPTIM.values, "embeddings": ("device", "host")}
+
+
+def _apply(settings: dict, change: dict) -> dict:
+    """`settings` with `change` applied where it saves memory; never undoes a saving the user chose."""
+    out = dict(settings)
+    for k, v in change.items():
+        if _ORDER[k].index(v) > _ORDER[k].index(out[k]):
+            out[k] = v
+    return out
+
+
+def _flags(old: dict, new: dict) -> str:
+    keys = ("offload", "lm_head", "adapter_dtype", "optim", "embeddings", "micro_batch", "seq_len")
+    return " ".join(f"--{k.replace('_', '-')} {new[k]}" for k in keys if new[k] != old[k])
+
+
+def _cheapest_fit(shape: Shape, settings: dict, dtype_bytes: int) -> dict | None:
+    """The least costly change that fits: keep the sequence length if at all possible, then keep the base on
+    the GPUs if possible (`_LADDER`), then keep the micro batch as large as possible (gradient
+    accumulation makes up the rest)."""
     s = settings
-    offloads = OFFLOAD.values[OFFLOAD.values.index(s["offload"]):]
     seqs, L = [], s["seq_len"]
     while L >= 256 or not seqs:
         seqs.append(L)
@@ -282,22 +407,22 @@ def _cheapest_fit(shape: Shape, settings: dict, adapter_bytes: int, dtype_bytes:
     while b >= 1:
         mbs.append(b)
         b //= 2
-    for si, seq in enumerate(seqs):
-        for off in offloads:
+    seen = []
+    for seq in seqs:
+        for change in _LADDER:
             for mb in mbs:
-                if (si, off, mb) == (0, s["offload"], s["micro_batch"]):
+                kw = _apply(dict(s, seq_len=seq, micro_batch=mb), change)
+                if kw == s or kw in seen:
                     continue
-                kw = dict(s, seq_len=seq, offload=off, micro_batch=mb)
-                p = plan_memory(shape, gpus=kw["gpus"], gpu_mem_gib=kw["gpu_mem_gib"], seq_len=seq, rank=kw["rank"],
-                                micro_batch=mb, method=kw["method"], offload=off, target=kw["target"],
-                                loss=kw["loss"], loss_chunk=kw["loss_chunk"], adapter_bytes_per_elem=adapter_bytes,
-                                dtype_bytes=dtype_bytes, suggest=False)
+                seen.append(kw)
+                p = plan_memory(shape, **{k: v for k, v in kw.items() if k != "gpu_mem_gib"},
+                                gpu_mem_gib=kw["gpu_mem_gib"], dtype_bytes=dtype_bytes, suggest=False)
                 if p.fits:
-                    flags = [f"--offload {off}"] if off != s["offload"] else []
-                    flags += [f"--micro-batch {mb}"] if mb != s["micro_batch"] else []
-                    flags += [f"--seq-len {seq}"] if seq != s["seq_len"] else []
-                    return dict(flags=" ".join(flags), offload=off, micro_batch=mb, seq_len=seq,
-                                total_gib=p.total_bytes / GIB)
+                    return dict(flags=_flags(s, kw), total_gib=p.total_bytes / GIB,
+                                margin_gib=(p.gpu_mem_bytes - p.total_bytes) / GIB,
+                                base_resident=kw["offload"] not in ("params", "all"),
+                                **{k: kw[k] for k in ("offload", "micro_batch", "seq_len", "lm_head",
+                                                      "adapter_dtype", "optim", "embeddings")})
     return None
 
 
@@ -311,5 +436,6 @@ def _check(gpus, gpu_mem_gib, seq_len, rank, micro_batch, method, offload, loss,
     METHOD.check(method)
     OFFLOAD.check(offload)
     LOSS.check(loss)
+
 
 

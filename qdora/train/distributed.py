@@ -14,7 +14,7 @@ mixed, so raw bytes) and autocast does the compute casting; `check_byte_safe` re
 would still gather bf16-viewed bytes as bf16. With uint8 bytes (torch >= 2.13) the policy
 `MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=fp32)` casts float parameters only.
 Gradient checkpointing is transformers' own per-layer, non-reentrant one (module names stay unchanged,
-so adapter keys stay PEFT's). Activation offload wraps the forward in `save_on_cpu`.
+so adapter keys stay PEFT's). Activation offload wraps the forward in `HiddenStateOffload`.
 """
 
 from __future__ import annotations
@@ -208,10 +208,13 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def activation_offload(enabled: bool, device: torch.device):
-    """Context for the forward: saved activations go to (pinned) host memory and come back in backward."""
+    """Context for the forward: saved hidden states go to pinned host memory on a side stream and are
+    prefetched back during the backward (qdora/train/offload.py); parameters never move; no-op on CPU."""
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+    from qdora.train.offload import HiddenStateOffload
+
+    return HiddenStateOffload(device)
 
 
 def autocast(device: torch.device, compute: torch.dtype, sharded: bool):

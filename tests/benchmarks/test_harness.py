@@ -74,5 +74,5 @@ def test_chunked_loss_matches_full_loss_and_plan():
     full = run(args)["results"][0]
     chunked = run(args + ["--loss", "chunked", "--loss-chunk", "64"])["results"][0]
     assert chunked["loss_step0"] == pytest.approx(full["loss_step0"], rel=1e-3)
-    plan = plan_memory(preset_config("tiny"), gpus=1, seq_len=256, loss="chunked", loss_chunk=64)
+    plan = plan_memory(preset_config("tiny"), gpus=1, seq_len=256, loss="chunked", loss_chunk=64, embeddings="device")
     assert plan.allocated_bytes == pytest.approx(chunked["peak_bytes"], rel=0.10)

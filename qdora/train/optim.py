@@ -1,0 +1,106 @@
+"""Optimizer choice, gradient clipping, and loss-spike detection: what keeps a long run on real models stable.
+
+- `build_optimizer`: torch AdamW (fused kernels on CUDA, the multi-tensor path elsewhere) or bitsandbytes'
+  8-bit AdamW (`adamw8bit`; `paged_adamw8bit` pages its states to host memory under pressure and so needs
+  CUDA: refused on CPU). 8-bit AdamW keeps both moments in uint8 with a per-256 fp32 scale: 2 B/parameter
+  instead of 8 (fp32) or 4 (bf16). Its states are plain tensors (uint8 moments, fp32 scales and maps) that
+  the checkpoint saves bit for bit like AdamW's.
+- `clip_gradients`: the global L2 norm over every trainable gradient, once per optimizer step after
+  accumulation, with `torch.nn.utils.clip_grad_norm_`; under FSDP2 the gradients are DTensor shards and
+  torch reduces the norm across ranks, so every rank scales by the same factor and 2 ranks equal 1
+  process. `max_norm == 0` only measures the norm.
+- `SpikeGuard`: a step whose loss exceeds `factor` × the median of the last `window` losses (after
+  `min_steps` steps) is a spike. Its history is part of the checkpoint so a resumed run judges the same.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable
+
+import torch
+
+from qdora.errors import QdoraError
+
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+
+
+def build_optimizer(params: list[torch.Tensor], name: str, lr: float, weight_decay: float,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer `--optim NAME` asks for, over `params` (already on their final device)."""
+    if name == "adamw":
+        kw = {"fused": True} if device.type == "cuda" else {}
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kw)
+    if name not in OPTIMIZERS:
+        raise QdoraError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if name == "paged_adamw8bit" and device.type != "cuda":
+        raise QdoraError("--optim paged_adamw8bit pages optimizer states between GPU and host memory: it needs "
+                         "a CUDA device; on CPU use --optim adamw8bit")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def check_optimizer(name: str, device: torch.device, sharded: bool) -> None:
+    """Refuse what cannot work before anything is loaded or written."""
+    if name == "paged_adamw8bit" and device.type != "cuda":
+        raise QdoraError("--optim paged_adamw8bit pages optimizer states between GPU and host memory: it needs "
+                         "a CUDA device; on CPU use --optim adamw8bit")
+    if name != "adamw" and sharded:
+        raise QdoraError(f"--optim {name} (bitsandbytes) steps plain tensors, not FSDP2's sharded DTensor "
+                         "parameters: use --optim adamw with several ranks or --offload params/all")
+
+
+def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the gradients (a local fp32 scalar tensor; all ranks agree under FSDP2)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    return _local(torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=None))
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale all gradients so their global norm is at most `max_norm` (0: measure only); returns the norm
+    before clipping."""
+    if max_norm <= 0:
+        return grad_norm(params)
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return torch.zeros((), dtype=torch.float32)
+    return _local(torch.nn.utils.clip_grad_norm_(with_grad, max_norm, error_if_nonfinite=False))
+
+
+def _local(norm: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).float()
+
+
+class SpikeGuard:
+    """Loss > factor × median(last `window` losses) is a spike; NaN/inf is always one."""
+
+    def __init__(self, factor: float, window: int = 20, min_steps: int = 5):
+        self.factor, self.window, self.min_steps = factor, window, min_steps
+        self.history: list[float] = []
+
+    def is_spike(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return True
+        if self.factor <= 0 or len(self.history) < self.min_steps:
+            return False
+        return loss > self.factor * statistics.median(self.history)
+
+    def median(self) -> float | None:
+        return statistics.median(self.history) if self.history else None
+
+    def record(self, loss: float) -> None:
+        """Remember a good step's loss (spikes are not recorded, so one spike does not raise the bar)."""
+        self.history = (self.history + [float(loss)])[-self.window:]
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [float(x) for x in state.get("history", [])][-self.window:]
