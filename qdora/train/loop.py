@@ -23,7 +23,7 @@ import logging
 import math
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +54,8 @@ from qdora.train.distributed import (
     teardown_distributed,
 )
 from qdora.train.loss import IGNORE_INDEX, LogitsTransform, chunked_cross_entropy
-from qdora.train.metrics import Metrics, check_tensorboard, peak_memory_gb
+from qdora.train.metrics import Metrics, peak_memory_gb
+from qdora.train.reporters import check_reporters, open_reporters
 
 log = logging.getLogger("qdora.train.loop")
 class CausalLMLoss(nn.Module):
@@ -230,7 +231,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
     d = setup_distributed(cfg.device, cfg.offload_params)
     try:
-        return _run(cfg, d)
+        with ExitStack() as stack:
+            return _run(cfg, d, stack)
     except torch.OutOfMemoryError as e:
         raise QdoraError(
             f"CUDA out of memory ({e.__class__.__name__}): lower --micro-batch (now {cfg.micro_batch}) or "
@@ -241,11 +243,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         teardown_distributed(d)
 
 
-def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
+def _run(cfg: TrainConfig, d: Dist, stack: ExitStack) -> TrainResult:
     compute = cfg.torch_dtype
     check_mixed_precision(compute, d.sharded)
-    if cfg.report_to == "tensorboard":
-        check_tensorboard()
+    check_reporters(cfg.reporters)
     resume_from = _check_output(cfg)
     model = resolve_model(cfg.model, cfg.revision)
     tok = _check_model_dir(cfg, model.path)
@@ -316,7 +317,9 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
             set_rng_state(state["rng"])
         step = int(state["trainer"]["step"])
         last_ckpt = resume_from
-    metrics = Metrics(out, d.main, total_steps, step, cfg.report_to == "tensorboard")
+    reporters = open_reporters(cfg.reporters, out, {**cfg.to_dict(), "resolved": provenance}, cfg.run_name,
+                               cfg.project) if d.main else []
+    metrics = stack.enter_context(Metrics(out, d.main, total_steps, step, reporters))  # failed if _run raises
     if d.main:
         metrics.write(f"qdora: {report.summary()}")
         metrics.write(f"qdora: {data.stats.rows} rows, {data.stats.trained_tokens} trained tokens; "
@@ -394,7 +397,7 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
                 last_ckpt = checkpoint()
                 result.status, result.signal = "interrupted", stop.signum or signal.SIGTERM
                 break
-    metrics.close()
+    metrics.close("interrupted" if result.status == "interrupted" else "done")
     result.step, result.checkpoint = step, last_ckpt
     if result.status == "done":
         trainable = gather_trainable(lm)
