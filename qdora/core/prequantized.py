@@ -144,7 +144,7 @@ def logical_shape(reader, key: str) -> tuple[int, ...]:
 @torch.no_grad()
 def fill_prequantized(target: NF4Weight, parts: NF4Parts, device: torch.device) -> None:
     """Put a pre-quantized weight's bytes (this rank's rows under FSDP2) and statistics into `target`."""
-    from qdora.core.load import fill_param
+    from qdora.core.shards import fill_param
 
     if target.shape != (parts.spec.out_features, parts.spec.in_features):
         raise QdoraError(f"shape mismatch while loading: expected {target.shape}, the checkpoint has "
