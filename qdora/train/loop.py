@@ -34,7 +34,7 @@ from qdora.train.run_lock import RunLock
 from qdora.train.save import save, save_final
 from qdora.train.setup import check_inputs, resume, setup_data, setup_model, setup_optimizer
 from qdora.train.state import RunState
-from qdora.train.step import evaluate, train_step
+from qdora.train.step import check_deferred, evaluate, train_step
 
 
 @dataclass
@@ -138,15 +138,23 @@ def _lock(lock: RunLock, d: Dist) -> None:
         raise refused or QdoraError(f"rank 0 could not lock {lock.out}")
 
 
-def _next_batches(it: Iterator[dict[str, torch.Tensor]], n: int, device: torch.device) -> list[dict]:
-    """Up to `n` micro batches (one optimizer step), on the device; fewer only when the data ends."""
+def _next_batches(it: Iterator[dict[str, torch.Tensor]], n: int) -> list[dict]:
+    """Up to `n` micro batches (one optimizer step), on the host (the step counts their tokens there and
+    copies them); fewer only when the data ends."""
     batches = []
     for _ in range(n):
         b = next(it, None)
         if b is None:
             break
-        batches.append({k: v.to(device) for k, v in b.items()})
+        batches.append(b)
     return batches
+
+
+def _reported(s: RunState, step: int) -> bool:
+    """Whether `step` is logged, evaluated, saved or the last: its loss must reach the host."""
+    cfg = s.cfg
+    return (step % cfg.log_every == 0 or step == s.total_steps or bool(cfg.save_every and step % cfg.save_every == 0)
+            or bool(s.eval_batches is not None and cfg.eval_every and step % cfg.eval_every == 0))
 
 
 def _loop(s: RunState, stack: ExitStack) -> TrainResult:
@@ -165,11 +173,12 @@ def _loop(s: RunState, stack: ExitStack) -> TrainResult:
     window_tokens, window_start = 0, time.perf_counter()
     with stop.installed():
         while s.step < s.total_steps:
-            micro_batches = _next_batches(batches, cfg.grad_accum, d.device)
+            micro_batches = _next_batches(batches, cfg.grad_accum)
             if not micro_batches:
                 break
-            done = train_step(s, micro_batches)
-            result.losses[s.step] = done.loss
+            done = train_step(s, micro_batches, report=_reported(s, s.step + 1))
+            if done.loss is not None:
+                result.losses[s.step] = done.loss
             window_tokens += done.input_tokens
             extra = {}
             if s.eval_batches is not None and (cfg.eval_every and s.step % cfg.eval_every == 0
@@ -185,6 +194,7 @@ def _loop(s: RunState, stack: ExitStack) -> TrainResult:
             if cfg.save_every and s.step % cfg.save_every == 0 and s.step < s.total_steps:
                 save(s)
             if d.any(stop.signum is not None):
+                check_deferred(s)  # never save weights past a skipped non-finite step without saying so
                 save(s)
                 result.status, result.signal = "interrupted", stop.signum or signal.SIGTERM
                 break

@@ -150,6 +150,8 @@ def setup_model(s: RunState) -> None:
     if d.sharded:
         shard_model(s.wrapper, s.compute, cfg.offload_params, root_blocks=s.model)
     load_weights(s.model, s.model_dir, d.device, cfg.seed)
+    if d.device.type == "cuda":  # peak_mem_gb reports training, not the quantization transients of loading
+        torch.cuda.reset_peak_memory_stats(d.device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(s.model)
     s.wrapper.train()
