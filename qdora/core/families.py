@@ -126,3 +126,6 @@ register(Family(
             "reads plain causal-LM checkpoints. Use a text-only gemma3_text checkpoint (Gemma 3 1B, or the "
             "language model saved on its own with Gemma3ForCausalLM)",
 ))
+
+# Mixture-of-experts families register themselves where they are implemented (torch-free module).
+import qdora.core.moe_families  # noqa: E402, F401
