@@ -9,7 +9,7 @@ cannot reproduce, so export refuses them before writing. The arch-specific funct
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import gguf
@@ -49,7 +49,6 @@ class ArchRules:
     check: Callable[[ModelSpec], None] = _nothing  # raise QdoraError for what llama.cpp cannot run
     hparams: Callable[[gguf.GGUFWriter, ModelSpec], None] = _nothing  # the arch's own GGUF keys
     tensors: Callable[[ModelSpec], dict[str, np.ndarray]] = _no_tensors  # generated (rope factors)
-    skip_prefixes: tuple[str, ...] = field(default=())  # checkpoint tensors llama.cpp does not take
 
 
 ARCH_RULES: dict[str, ArchRules] = {
