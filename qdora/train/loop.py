@@ -16,7 +16,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from qdora.train.checkpoint import resume_hint
 from qdora.train.config import TrainConfig
 from qdora.train.distributed import Dist, setup_distributed, teardown_distributed
 from qdora.train.metrics import Metrics, peak_memory_gb
+from qdora.train.reporters import open_reporters
 from qdora.train.run_lock import RunLock
 from qdora.train.save import save, save_final
 from qdora.train.setup import check_inputs, resume, setup_data, setup_model, setup_optimizer
@@ -86,7 +87,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
     d = setup_distributed(cfg.device, cfg.offload_params)
     try:
-        return _run(cfg, d)
+        with ExitStack() as stack:  # closes the trackers' run as failed if the run raises
+            return _run(cfg, d, stack)
     except QdoraError:
         raise
     except torch.OutOfMemoryError as e:
@@ -105,7 +107,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         teardown_distributed(d)
 
 
-def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
+def _run(cfg: TrainConfig, d: Dist, stack: ExitStack) -> TrainResult:
     s, tokenizer = check_inputs(cfg, d)
     setup_data(s, tokenizer)
     lock = RunLock(s.out, enabled=d.main)  # one run per OUTPUT; rank 0 holds it for all ranks
@@ -119,7 +121,7 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
         torch.manual_seed(cfg.seed + d.rank)  # dropout masks (a resumed run restores the saved generators)
         if s.resumed is not None:
             resume(s)
-        return _loop(s)
+        return _loop(s, stack)
     finally:
         lock.release()
 
@@ -155,9 +157,11 @@ def _reported(s: RunState, step: int) -> bool:
             or bool(s.eval_batches is not None and cfg.eval_every and step % cfg.eval_every == 0))
 
 
-def _loop(s: RunState) -> TrainResult:
+def _loop(s: RunState, stack: ExitStack) -> TrainResult:
     cfg, d = s.cfg, s.dist
-    metrics = Metrics(s.out, d.main, s.total_steps, s.step, cfg.report_to == "tensorboard")
+    reporters = open_reporters(cfg.reporters, s.out, {**cfg.to_dict(), "resolved": s.provenance}, cfg.run_name,
+                               cfg.project) if d.main else []
+    metrics = stack.enter_context(Metrics(s.out, d.main, s.total_steps, s.step, reporters))
     if d.main:
         metrics.write(f"qdora: {s.report.summary()}")
         metrics.write(f"qdora: {s.data.stats.rows} rows, {s.data.stats.trained_tokens} trained tokens; "
@@ -194,7 +198,7 @@ def _loop(s: RunState) -> TrainResult:
                 save(s)
                 result.status, result.signal = "interrupted", stop.signum or signal.SIGTERM
                 break
-    metrics.close()
+    metrics.close("interrupted" if result.status == "interrupted" else "done")
     result.step, result.checkpoint = s.step, s.last_checkpoint
     if result.status == "done":
         save_final(s)
