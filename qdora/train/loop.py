@@ -16,15 +16,16 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qdora.errors import QdoraError
-from qdora.io.os_errors import as_write_failure
+from qdora.errors import QdoraError, doing
+from qdora.io.failures import WriteFailure
+from qdora.io.os_errors import as_write_failure, writing
 from qdora.train.checkpoint import resume_hint
 from qdora.train.config import TrainConfig
 from qdora.train.distributed import Dist, setup_distributed, teardown_distributed
@@ -87,6 +88,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     d = setup_distributed(cfg.device, cfg.offload_params)
     try:
         return _run(cfg, d)
+    except WriteFailure as e:  # a full disk or lost permission: say what the run can continue from
+        failure = e.with_hint(resume_hint(cfg.output))
+        if failure is e:
+            raise
+        raise failure from e
     except QdoraError:
         raise
     except torch.OutOfMemoryError as e:
@@ -106,14 +112,18 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
-    s, tokenizer = check_inputs(cfg, d)
-    setup_data(s, tokenizer)
+    with doing("checking the inputs"):
+        s, tokenizer = check_inputs(cfg, d)
+    with doing("preparing the data"):
+        setup_data(s, tokenizer)
     lock = RunLock(s.out, enabled=d.main)  # one run per OUTPUT; rank 0 holds it for all ranks
     try:
         _lock(lock, d)
-        setup_model(s)
+        with doing("loading the model"):
+            setup_model(s)
         if d.main:
-            (s.out / "train_config.yaml").write_text(cfg.to_yaml(resolved=s.provenance))
+            with writing(s.out / "train_config.yaml", "the run's config"):
+                (s.out / "train_config.yaml").write_text(cfg.to_yaml(resolved=s.provenance))
         d.barrier()
         setup_optimizer(s)
         torch.manual_seed(cfg.seed + d.rank)  # dropout masks (a resumed run restores the saved generators)
@@ -159,12 +169,13 @@ def _loop(s: RunState) -> TrainResult:
     batches = iter(s.batches)
     stop = _Stop()
     window_tokens, window_start = 0, time.perf_counter()
-    with stop.installed():
+    with stop.installed(), closing(metrics):  # the progress bar ends before any error message
         while s.step < s.total_steps:
             micro_batches = _next_batches(batches, cfg.grad_accum, d.device)
             if not micro_batches:
                 break
-            done = train_step(s, micro_batches)
+            with doing(f"training step {s.step + 1}"):
+                done = train_step(s, micro_batches)
             result.losses[s.step] = done.loss
             window_tokens += done.input_tokens
             extra = {}
@@ -184,7 +195,6 @@ def _loop(s: RunState) -> TrainResult:
                 save(s)
                 result.status, result.signal = "interrupted", stop.signum or signal.SIGTERM
                 break
-    metrics.close()
     result.step, result.checkpoint = s.step, s.last_checkpoint
     if result.status == "done":
         save_final(s)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from qdora.errors import QdoraError
+from qdora.io.os_errors import writing
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -60,7 +61,7 @@ class Metrics:
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with writing(self.path, "the metrics log"), self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for key, value in row.items():
