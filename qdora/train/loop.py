@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from qdora.errors import QdoraError
+from qdora.io.os_errors import as_write_failure
+from qdora.train.checkpoint import resume_hint
 from qdora.train.config import TrainConfig
 from qdora.train.distributed import Dist, setup_distributed, teardown_distributed
 from qdora.train.metrics import Metrics, peak_memory_gb
@@ -85,12 +87,20 @@ def train(cfg: TrainConfig) -> TrainResult:
     d = setup_distributed(cfg.device, cfg.offload_params)
     try:
         return _run(cfg, d)
+    except QdoraError:
+        raise
     except torch.OutOfMemoryError as e:
         raise QdoraError(
             f"CUDA out of memory ({e.__class__.__name__}): lower --micro-batch (now {cfg.micro_batch}) or "
             f"--seq-len (now {cfg.seq_len}), or offload (--offload activations, params or all; now "
             f"{cfg.offload}); more --grad-accum keeps the global batch"
         ) from e
+    except Exception as e:  # a full disk or lost permission outside a checkpoint (metrics, final adapter)
+        failure = as_write_failure(e, getattr(e, "filename", None) or cfg.output, "the run's output",
+                                   hint=resume_hint(cfg.output))
+        if failure is None:
+            raise
+        raise failure from e
     finally:
         teardown_distributed(d)
 

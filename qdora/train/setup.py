@@ -20,6 +20,7 @@ from qdora.core.load import build_meta_model, load_weights, open_checkpoint
 from qdora.data.hub_data import RepoSelect
 from qdora.errors import QdoraError
 from qdora.io.hub import looks_like_repo_id, resolve_model
+from qdora.io.preflight import check_writable
 from qdora.train.checkpoint import load_checkpoint, resolve_resume
 from qdora.train.config import TrainConfig
 from qdora.train.distributed import (
@@ -42,6 +43,7 @@ def _check_output(cfg: TrainConfig) -> Path | None:
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise QdoraError(f"--output {out} exists and is not a folder")
+    check_writable(out, "the run folder")
     check_free(out)
     if cfg.resume:
         return resolve_resume(out, cfg.resume)

@@ -86,3 +86,8 @@ def test_train_plan_merge_refuse_before_writing(tmp_path):
         "base_model_name_or_path": str(model)}))
     res = runner.invoke(main, ["merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")])
     assert res.exit_code == 1 and "mixture-of-experts" in res.output and not (tmp_path / "merged").exists()
+
+
+def test_image_text_gemma3_refused_with_the_way_out():
+    with pytest.raises(QdoraError, match=r"Gemma 3 image-text.*cannot be trained.*gemma3_text"):
+        check_family({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}})
