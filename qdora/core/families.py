@@ -124,3 +124,6 @@ register(Family(
     missing="qdora reads plain causal LMs; this checkpoint nests the text model beside a vision tower. Use a "
             "text-only gemma3_text checkpoint (Gemma 3 1B, or the language model saved on its own)",
 ))
+
+# Mixture-of-experts families register themselves where they are implemented (torch-free module).
+import qdora.core.moe_families  # noqa: E402, F401

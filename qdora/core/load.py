@@ -30,6 +30,7 @@ from torch import nn
 
 from qdora.core.adapt import AdapterSpec, AdaptReport, adapt_model, adapter_layers, layer_seed
 from qdora.core.layer import NF4Linear, QDoRALinear
+from qdora.core.moe_families import moe_family_of
 from qdora.core.nf4 import NF4Weight, nf4_from_weight
 from qdora.core.shards import fill_param, whole
 from qdora.errors import QdoraError
@@ -178,10 +179,15 @@ def load_weights(model: nn.Module, model_dir: str | Path, device: torch.device |
     loaded: set[str] = set()
     unknown: list[str] = []
     embed_key = None
-    for name, read in iter_checkpoint(reader):
+    family = moe_family_of(model)
+    for ckpt_name, read in iter_checkpoint(reader):
+        name = family.to_model(ckpt_name) if family is not None else ckpt_name
         owner, _, leaf = name.rpartition(".")
         module = modules.get(owner)
-        if isinstance(module, (QDoRALinear, NF4Linear)) and leaf == "weight":
+        if isinstance(module, NF4Weight) and leaf == "weight":  # one expert's projection (NF4Experts)
+            fill_nf4(module, read(), device)
+            loaded.update(f"{owner}.{p}" for p in ("packed", "absmax"))
+        elif isinstance(module, (QDoRALinear, NF4Linear)) and leaf == "weight":
             fill_nf4(module.base, read(), device)
             loaded.update(f"{owner}.base.{p}" for p in ("packed", "absmax"))
         elif isinstance(module, (QDoRALinear, NF4Linear)) and leaf == "bias":
@@ -196,7 +202,7 @@ def load_weights(model: nn.Module, model_dir: str | Path, device: torch.device |
             fill_param(buffers[name], read())
             loaded.add(name)
         else:
-            unknown.append(name)
+            unknown.append(ckpt_name)
     if unknown:
         log.warning("ignored %d checkpoint tensors the model does not have (e.g. %s)", len(unknown), unknown[0])
     head = getattr(model, "lm_head", None)

@@ -21,6 +21,7 @@ from torch import nn
 from qdora.errors import QdoraError
 from qdora.train.distributed import activation_offload, autocast
 from qdora.train.loss import IGNORE_INDEX, LogitsTransform, chunked_cross_entropy
+from qdora.train.router_loss import router_loss_of
 from qdora.train.state import RunState
 
 
@@ -35,10 +36,17 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.lm = lm
         self.transform = LogitsTransform.from_config(lm.config)  # e.g. Gemma 2's final soft-capping
+        self.router_loss = router_loss_of(lm)  # MoE: transformers' load-balancing term, its coefficient
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.lm.model(input_ids=input_ids, use_cache=False, **kw).last_hidden_state
-        return chunked_cross_entropy(hidden, self.lm.lm_head.weight, labels, transform=self.transform)
+        if self.router_loss is None:
+            hidden = self.lm.model(input_ids=input_ids, use_cache=False, **kw).last_hidden_state
+            return chunked_cross_entropy(hidden, self.lm.lm_head.weight, labels, transform=self.transform)
+        out = self.lm.model(input_ids=input_ids, use_cache=False, output_router_logits=True, **kw)
+        loss_sum, count = chunked_cross_entropy(out.last_hidden_state, self.lm.lm_head.weight, labels,
+                                                transform=self.transform)
+        aux = self.router_loss(out.router_logits, kw.get("attention_mask"))
+        return loss_sum + aux.to(loss_sum.dtype) * count.to(loss_sum.dtype), count
 
 
 @dataclass

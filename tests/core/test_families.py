@@ -70,7 +70,7 @@ def test_untrainable_family_refused_even_with_the_flag():
 
 def test_train_plan_merge_refuse_before_writing(tmp_path):
     """The CLI refuses an unknown family with exit 1 and the same message, leaving no output behind."""
-    model = _config(tmp_path / "m", model_type="mixtral", num_local_experts=8, architectures=["MixtralForCausalLM"])
+    model = _config(tmp_path / "m", model_type="olmoe", num_experts=8, architectures=["OlmoeForCausalLM"])
     (model / "model.safetensors").write_bytes(b"")
     runner = CliRunner()
     out = tmp_path / "run"

@@ -19,13 +19,11 @@ from click.testing import CliRunner
 
 from qdora.cli import main
 from qdora.testing.family_cases import build_case
+from qdora.testing.llamacpp_oracle import PROMPTS, TEXTS, LlamaCpp, Reference, rel_diff
 from qdora.testing.runs import chat_data
 
-llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from tests.export.test_gguf_llamacpp import PROMPTS, TEXTS, LlamaCpp, Reference, _rel_diff  # noqa: E402
 
 FAMILY_CASES = ["qwen3", "qwen3_untied", "qwen3_yarn", "qwen2_yarn", "gemma2", "gemma3", "phi3", "phi3_longrope",
                 "mistral_tekken"]
@@ -82,7 +80,7 @@ def test_trained_merged_exported_matches_transformers(tmp_path, case):
         for prompt in [*PROMPTS, LONG_PROMPT]:
             ids = ref.tok(prompt)["input_ids"]
             hf, ours = ref.logits(ids), cpp.logits(ids)
-            assert _rel_diff(hf, ours) <= REL_TOL.get(case, 1e-4), prompt
+            assert rel_diff(hf, ours) <= REL_TOL.get(case, 1e-4), prompt
             assert cpp.greedy(ids) == ref.greedy(ids), prompt
     finally:
         cpp.close()
@@ -114,7 +112,7 @@ def test_gemma_gap_is_the_gelu_table(tmp_path, case):
         for prompt in [*PROMPTS, LONG_PROMPT]:
             ids = ref.tok(prompt)["input_ids"]
             ours = cpp.logits(ids)
-            assert _rel_diff(emulated.logits(ids), ours) < 0.5 * _rel_diff(ref.logits(ids), ours)
+            assert rel_diff(emulated.logits(ids), ours) < 0.5 * rel_diff(ref.logits(ids), ours)
     finally:
         cpp.close()
 
@@ -145,4 +143,4 @@ def test_each_setting_changes_the_logits(tmp_path, case, override):
     ids = ref.tok(LONG_PROMPT)["input_ids"]
     with _torch.no_grad():
         changed = other(_torch.tensor([ids])).logits[0].numpy()
-    assert _rel_diff(ref.logits(ids), changed) > 10 * REL_TOL.get(case, 1e-4)
+    assert rel_diff(ref.logits(ids), changed) > 10 * REL_TOL.get(case, 1e-4)
