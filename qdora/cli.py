@@ -160,6 +160,9 @@ def merge(adapter_dir: str, output: str, base_model: str | None, revision: str |
 
     res = merge_adapter(adapter_dir, output, base_model=base_model, dtype=dtype, base=base_kind,
                         shard_size=shard_size, overwrite=overwrite, revision=revision)
+    if res.prequantized_base:
+        click.echo("the base is a pre-quantized bitsandbytes NF4 checkpoint: merged onto its dequantized weights "
+                   "(the weights training saw; it holds no full-precision ones)")
     click.echo(f"merged {res.merged} adapted weights, dequantized {res.dequantized} frozen NF4 weights; "
                f"{res.total_bytes / 1e9:.2f} GB in {res.shards} shard(s) -> {res.output}")
 

@@ -37,7 +37,7 @@ OFFLOAD = Choice("offload", ("none", "activations", "params", "all"))
 DTYPE = Choice("dtype", ("bf16", "fp16", "fp32"))
 SCHEDULER = Choice("scheduler", ("cosine", "linear", "constant"))
 DATA_FORMAT = Choice("format", ("auto", "text", "alpaca", "chat"))
-REPORT_TO = Choice("report-to", ("none", "tensorboard"))
+REPORTERS = ("tensorboard", "wandb", "mlflow")  # --report-to: any of these, comma-separated, or none / all
 LOSS = Choice("loss", ("chunked", "full"))
 BASE = Choice("base", ("dequantized", "original"))  # the W an adapter is merged onto / compared against
 LM_HEAD = Choice("lm-head", ("dense", "nf4"))  # the frozen output layer: compute dtype, or NF4 (vocab-sliced loss)
@@ -49,6 +49,22 @@ ON_SPIKE = Choice("on-spike", ("warn", "stop"))
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 ADAPTER_DTYPE = Choice("adapter dtype", tuple(TORCH_DTYPE_NAMES.values()))
 TRAIN_ADAPTER_DTYPE = Choice("adapter-dtype", ("fp32", "bf16"))  # what `--adapter-dtype` accepts (short names)
+
+
+def report_to(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The trackers of `--report-to`: `none`, `all`, or names from REPORTERS separated by commas (a YAML
+    list works too); duplicates dropped, order kept."""
+    parts = value if isinstance(value, (list, tuple)) else str(value or "none").split(",")
+    names = [str(p).strip().lower() for p in parts if str(p).strip()]
+    if names in ([], ["none"]):
+        return ()
+    if names == ["all"]:
+        return REPORTERS
+    bad = [n for n in names if n not in REPORTERS]
+    if bad:
+        raise QdoraError(f"unknown report-to {bad[0]!r}: choose none, all, or any of {', '.join(REPORTERS)} "
+                         "separated by commas")
+    return tuple(dict.fromkeys(names))
 
 
 def torch_dtype(name: str):

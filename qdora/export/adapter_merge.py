@@ -20,6 +20,7 @@ from qdora.core.layer import ADAPTER_ATTRS, adapter_scale, adapter_shapes, merge
 from qdora.core.load import meta_model
 from qdora.core.moe_families import moe_family_of
 from qdora.core.nf4 import nf4_from_weight
+from qdora.core.prequantized import bnb_format, companion_of, logical_shape, quantized_weights, read_parts
 from qdora.errors import QdoraError
 from qdora.io.weights import WeightReader, is_model_dir
 
@@ -79,6 +80,8 @@ class AdapterMerge:
     scale: float
     reader: WeightReader
     linear_keys: set[str] = field(default_factory=set)
+    # weights the base checkpoint holds pre-quantized (bitsandbytes NF4): no full-precision copy exists
+    prequantized: set[str] = field(default_factory=set)
     # weight key -> (A, B, magnitude or None), all small
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
@@ -100,6 +103,8 @@ class AdapterMerge:
         targets = find_targets(model, spec.target)
         tensors = load_adapter_tensors(adapter_dir)
         plan = cls(adapter_dir, base_dir, spec, adapter_scale(spec.r, spec.alpha, spec.rslora), reader, linears)
+        if bnb_format(base_dir) is not None:
+            plan.prequantized = quantized_weights(reader.keys())
         plan._attach(tensors, targets, experts)
         missing = sorted(k for k in linears if k not in reader)
         if missing:
@@ -121,7 +126,7 @@ class AdapterMerge:
             key = path + ".weight"
             if key not in self.reader:
                 raise QdoraError(f"{self.base_dir} has no tensor {key} that the adapter targets")
-            out, inn = self.reader.shape(key)
+            out, inn = self.shape(key)
             want = adapter_shapes(inn, out, self.spec.r, self.spec.method)
             for name, shape in want.items():
                 t = tensors.get((path, name))
@@ -150,8 +155,42 @@ class AdapterMerge:
         for key, (_, e, rows) in keys.items():  # DoRA's norm is per row: each part merges on its own
             self.adapters[key] = (a[e], b[e][rows], None if m is None else m[e][rows])
 
+    def check_base_kind(self, base: str) -> None:
+        """`original` needs full-precision weights, which a pre-quantized base does not have."""
+        if base == "original" and self.prequantized:
+            raise QdoraError(f"the base {self.base_dir} is a pre-quantized bitsandbytes NF4 checkpoint: it holds no "
+                             "full-precision weights, so --base original is impossible; the dequantized base "
+                             "(the default, the weights training saw) is the only one")
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape as the model sees it ([out, in] for a pre-quantized weight, not its packed bytes)."""
+        return logical_shape(self.reader, key) if key in self.prequantized else self.reader.shape(key)
+
+    def weight(self, key: str) -> torch.Tensor:
+        """One base tensor as the model sees it: a pre-quantized weight dequantized (fp32), else as stored."""
+        if key in self.prequantized:
+            return read_parts(self.reader, key).dequantize(torch.float32)
+        return self.reader.get(key)
+
+    def tensors(self):
+        """(name, tensor) of the base in file order, one at a time: quant-state companions folded into their
+        (dequantized) weight."""
+        for key in self.reader.keys():  # noqa: SIM118 (file order; the reader is not iterable)
+            if companion_of(key) not in self.prequantized:
+                yield key, self.weight(key)
+
+    def headers(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, safetensors dtype) of the tensors `tensors()` yields, from the headers only."""
+        heads = self.reader.headers()
+        return {k: ((logical_shape(self.reader, k), "F32") if k in self.prequantized else h)
+                for k, h in heads.items() if companion_of(k) not in self.prequantized}
+
     def base_weight(self, key: str, w: torch.Tensor, base: str = "dequantized") -> torch.Tensor:
-        """fp32 W: the NF4 round trip training saw (dequantized) or the checkpoint's own (original)."""
+        """fp32 W: the NF4 round trip training saw (dequantized) or the checkpoint's own (original).
+        A pre-quantized weight (`w` from `weight`) is already that round trip."""
+        if key in self.prequantized:
+            self.check_base_kind(base)
+            return w.float()
         if base == "original":
             return w.float()
         return nf4_from_weight(w.float(), double_quant=self.spec.double_quant).dequantize(torch.float32)

@@ -17,6 +17,7 @@ from qdora.core.adapt import AdapterSpec
 from qdora.core.adapter_io import fill_adapter
 from qdora.core.families import check_family
 from qdora.core.load import build_meta_model, load_weights, open_checkpoint
+from qdora.core.prequantized import base_double_quant
 from qdora.data.hub_data import RepoSelect
 from qdora.errors import QdoraError
 from qdora.io.hub import looks_like_repo_id, resolve_model
@@ -30,7 +31,7 @@ from qdora.train.distributed import (
     load_optimizer_state,
     shard_model,
 )
-from qdora.train.metrics import check_tensorboard
+from qdora.train.reporters import check_reporters
 from qdora.train.rng_state import set_rng_state
 from qdora.train.run_lock import LOCK_NAME, check_free
 from qdora.train.state import RunState
@@ -74,13 +75,12 @@ def check_inputs(cfg: TrainConfig, d: Dist) -> tuple[RunState, object]:
     """Phase 1: options, output folder, model folder; the run's state and the tokenizer."""
     compute = cfg.torch_dtype
     check_mixed_precision(compute, d.sharded)
-    if cfg.report_to == "tensorboard":
-        check_tensorboard()
+    check_reporters(cfg.reporters)
     resume_from = _check_output(cfg)
     model = resolve_model(cfg.model, cfg.revision)
     tokenizer = _load_tokenizer(cfg, model.path)
     spec = AdapterSpec(method=cfg.method, r=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout,
-                       target=cfg.target, adapter_dtype="float32")
+                       target=cfg.target, adapter_dtype="float32", double_quant=base_double_quant(model.path))
     build_meta_model(model.path, spec, compute)  # architecture, targets, NF4 block size: refused before loading
     # adapter_config.json's base_model_name_or_path: a Hub id or a folder's path
     state = RunState(cfg, d, spec, compute, Path(cfg.output), model.path, model.name, resume_from)
@@ -150,6 +150,8 @@ def setup_model(s: RunState) -> None:
     if d.sharded:
         shard_model(s.wrapper, s.compute, cfg.offload_params, root_blocks=s.model)
     load_weights(s.model, s.model_dir, d.device, cfg.seed)
+    if d.device.type == "cuda":  # peak_mem_gb reports training, not the quantization transients of loading
+        torch.cuda.reset_peak_memory_stats(d.device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(s.model)
     s.wrapper.train()

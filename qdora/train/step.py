@@ -8,6 +8,14 @@ in its reduce-scatter, so the loss is multiplied by the world size (gloo has no 
 divide factor). N ranks × micro_batch m thus train exactly like 1 process × N·m on the same rows.
 
 A non-finite loss stops before the optimizer step (the weights stay those of the last good step).
+
+Host syncs: on a GPU the host must never wait for the device in the middle of a step (the GPU would idle
+while the backward's launches are queued). Tokens are counted on the host batches before they are
+copied (pinned, non-blocking), and summed over ranks with a host collective where the process group has
+one (gloo); the loss has no `nonzero`. The loss reaches the host only on reported steps (logged, evaluated,
+saved, last: `report=True`). Between them, with a fused AdamW, finiteness is checked on the device: a
+non-finite loss sets the optimizer's `found_inf`, so that update and every later one are skipped on the
+device, and the next reported step stops the run with the step where it happened.
 """
 
 from __future__ import annotations
@@ -51,27 +59,67 @@ class CausalLMLoss(nn.Module):
 
 @dataclass
 class StepResult:
-    loss: float  # token-weighted mean over the global batch
+    loss: float | None  # token-weighted mean over the global batch (None on a step that was not reported)
     lr: float  # the learning rate this step used
     input_tokens: int  # tokens read (padding excluded), all ranks: for tokens/s
 
 
 def count_tokens(batches: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
-    """(trained tokens, as the loss counts them after the causal shift; input tokens, padding excluded)."""
+    """(trained tokens, as the loss counts them after the causal shift; input tokens, padding excluded).
+    Call it on the host batches: on device tensors every `int()` waits for the GPU."""
     trained = sum(int((b["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in batches)
     inputs = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                  for b in batches)
     return trained, inputs
 
 
-def train_step(s: RunState, batches: list[dict[str, torch.Tensor]]) -> StepResult:
-    """Forward and backward over the micro batches of one optimizer step, then the update; `s.step` += 1."""
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A host batch on the device; on CUDA through pinned memory without waiting for the copy."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _global_counts(d, trained: int, inputs: int) -> tuple[torch.Tensor, int]:
+    """(trained tokens of all ranks as a tensor for the loss scaling, input tokens of all ranks as an int)."""
+    counts = torch.tensor([trained, inputs], dtype=torch.float64)
+    if d.host_collectives:  # gloo sums host tensors: the GPU is not involved
+        d.all_reduce_sum(counts)
+        return counts[0].clamp(min=1).to(d.device, non_blocking=True), int(counts[1])
+    counts = d.all_reduce_sum(counts.to(d.device))
+    return counts[0].clamp(min=1), int(counts[1].item())
+
+
+def _skips_on_device(s: RunState) -> bool:
+    """A fused torch AdamW without a grad scaler takes `found_inf`: it can skip an update on the device."""
+    adam = isinstance(s.optimizer, (torch.optim.Adam, torch.optim.AdamW))
+    return s.scaler is None and adam and bool(s.optimizer.defaults.get("fused"))
+
+
+def _stop(s: RunState, loss: float, step: int) -> QdoraError:
+    where = f"the last good checkpoint is {s.last_checkpoint}" if s.last_checkpoint else \
+        "no checkpoint was written yet (use --save-every)"
+    return QdoraError(f"the loss became {loss} at step {step}: training stopped before that update (later "
+                      f"updates were skipped too); {where}. Try a lower --lr (now {s.cfg.lr}) or --dtype bf16/fp32")
+
+
+def check_deferred(s: RunState) -> None:
+    """Raise if a step since the last reported one had a non-finite loss (one device read)."""
+    if s.first_nonfinite is not None:
+        first = int(s.first_nonfinite.item())
+        if first:
+            raise _stop(s, float("nan"), first)
+
+
+def train_step(s: RunState, batches: list[dict[str, torch.Tensor]], report: bool = True) -> StepResult:
+    """Forward and backward over the micro batches (host batches) of one optimizer step, then the update;
+    `s.step` += 1. `report=False` keeps the loss on the device where the optimizer can skip on it."""
     d, cfg = s.dist, s.cfg
     trained, inputs = count_tokens(batches)
-    counts = d.all_reduce_sum(torch.tensor([trained, inputs], dtype=torch.float64, device=d.device))
-    n_global = counts[0].clamp(min=1)
+    n_global, input_tokens = _global_counts(d, trained, inputs)
     loss_total = torch.zeros((), dtype=torch.float64, device=d.device)
     for i, batch in enumerate(batches):
+        batch = to_device(batch, d.device)
         if d.sharded:  # reduce-scatter the gradients once, after the last micro batch
             s.wrapper.set_requires_gradient_sync(i == len(batches) - 1)
         with activation_offload(cfg.offload_activations, d.device), autocast(d.device, s.compute, d.sharded):
@@ -79,22 +127,31 @@ def train_step(s: RunState, batches: list[dict[str, torch.Tensor]]) -> StepResul
         scaled = loss_sum * (d.world_size / n_global.to(loss_sum.dtype))
         (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
         loss_total += loss_sum.detach().double()
-    loss = (d.all_reduce_sum(loss_total) / n_global).item()
-    if not math.isfinite(loss):
-        where = f"the last good checkpoint is {s.last_checkpoint}" if s.last_checkpoint else \
-            "no checkpoint was written yet (use --save-every)"
-        raise QdoraError(f"the loss became {loss} at step {s.step + 1}: training stopped before that "
-                         f"update; {where}. Try a lower --lr (now {cfg.lr}) or --dtype bf16/fp32")
+    loss_t = d.all_reduce_sum(loss_total) / n_global
+    loss = None
+    if report or not _skips_on_device(s):
+        check_deferred(s)
+        loss = loss_t.item()
+        if not math.isfinite(loss):
+            raise _stop(s, loss, s.step + 1)
+    else:  # the first non-finite step, kept on the device; from it on every update is skipped there
+        if s.first_nonfinite is None:
+            s.first_nonfinite = torch.zeros((), dtype=torch.int64, device=d.device)
+        bad = ~torch.isfinite(loss_t)
+        s.first_nonfinite = torch.where(bad & (s.first_nonfinite == 0), s.step + 1, s.first_nonfinite)
+        s.optimizer.found_inf = (s.first_nonfinite > 0).float()
     lr = s.scheduler.get_last_lr()[0]
     if s.scaler is not None:
         s.scaler.step(s.optimizer)
         s.scaler.update()
     else:
         s.optimizer.step()
+    if hasattr(s.optimizer, "found_inf"):
+        del s.optimizer.found_inf
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     s.step += 1
-    return StepResult(loss, lr, int(counts[1].item()))
+    return StepResult(loss, lr, input_tokens)
 
 
 def evaluate(s: RunState) -> float:
