@@ -183,6 +183,17 @@ def shape_from_config(config) -> Shape:
     return s
 
 
+PLANNED_TRAIN_OPTIONS = ("model", "revision", "seq_len", "rank", "micro_batch", "method", "offload", "target")
+
+
+def train_settings(config_file: str | Path) -> dict:
+    """The options of a `qdora train` YAML that memory depends on (the file is checked as `qdora train` would)."""
+    from qdora.train.config import read_yaml, resolve_config
+
+    cfg = resolve_config(read_yaml(config_file), {}).to_dict()
+    return {k: cfg[k] for k in PLANNED_TRAIN_OPTIONS if cfg.get(k) is not None}
+
+
 def load_config(model: str, revision: str | None = None):
     """A model folder with config.json, a config.json file, a preset name (llama-3-70b, 8b, ...), or a Hub
     repository id `org/name` (only its config.json is fetched, at `revision`)."""

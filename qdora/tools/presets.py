@@ -1,7 +1,8 @@
-"""Named Llama shapes built in code (no hub download): for `qdora plan` shortcuts and the benchmarks.
+"""Named model shapes built in code (no hub download): for `qdora plan` shortcuts and the benchmarks.
 
-Figures are those of the published configs (Llama-3.2-1B, Llama-3-8B, Llama-3-70B); `tiny` and `small`
-are CPU-sized shapes with every linear input a multiple of 64 so NF4 blocks never cross a row.
+Figures are those of the published configs (Llama-3.2-1B, Llama-3-8B, Llama-3-70B, Qwen2.5-7B,
+Mistral-7B v0.3); `tiny` and `small` are CPU-sized Llama shapes with every linear input a multiple of 64
+so NF4 blocks never cross a row.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ _SHAPES: dict[str, dict] = {
                        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
     "llama-3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                         num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "mistral-7b": dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
+                       max_position_embeddings=32768, rope_theta=1000000.0),
 }
+_FAMILY = {"qwen2.5-7b": "qwen2", "mistral-7b": "mistral"}  # the others are Llama shapes
 _ALIASES = {"1b": "llama-3.2-1b", "8b": "llama-3-8b", "70b": "llama-3-70b"}
 # "<preset>-<k>layers" keeps a preset's widths with k decoder layers (e.g. 70b-4layers).
 
@@ -29,8 +37,9 @@ def preset_names() -> list[str]:
 
 
 def preset_config(name: str):
-    """A transformers LlamaConfig for a named shape; `NAME-Klayers` overrides the layer count."""
-    from transformers import LlamaConfig
+    """A transformers config (Llama, Qwen2 or Mistral) for a named shape; `NAME-Klayers` overrides the layer
+    count."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     base, layers = name, None
     if name.endswith("layers") and "-" in name:
@@ -42,8 +51,10 @@ def preset_config(name: str):
     base = _ALIASES.get(base, base)
     if base not in _SHAPES:
         raise QdoraError(f"unknown model shape {name!r}: choose one of {', '.join(preset_names())}")
-    kw = dict(_SHAPES[base], max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-              bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    kw = dict(max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=0,
+              eos_token_id=1, pad_token_id=None)
+    kw.update(_SHAPES[base])
     if layers is not None:
         kw["num_hidden_layers"] = layers
-    return LlamaConfig(**kw)
+    cls = {"qwen2": Qwen2Config, "mistral": MistralConfig}.get(_FAMILY.get(base, ""), LlamaConfig)
+    return cls(**kw)
