@@ -27,13 +27,25 @@ _SHAPES: dict[str, dict] = {
                        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
                        max_position_embeddings=32768, rope_theta=1000000.0),
 }
+# Mixture-of-experts shapes of the published configs (Qwen3-30B-A3B, Mixtral-8x7B-v0.1).
+_MOE_SHAPES: dict[str, tuple[str, dict]] = {
+    "qwen3-30b-a3b": ("qwen3_moe", dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                        moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                                        num_key_value_heads=4, head_dim=128, num_experts=128,
+                                        num_experts_per_tok=8, norm_topk_prob=True, tie_word_embeddings=False,
+                                        max_position_embeddings=40960, rope_theta=1000000.0)),
+    "mixtral-8x7b": ("mixtral", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                     num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False,
+                                     max_position_embeddings=32768, rope_theta=1000000.0)),
+}
 _FAMILY = {"qwen2.5-7b": "qwen2", "mistral-7b": "mistral"}  # the others are Llama shapes
 _ALIASES = {"1b": "llama-3.2-1b", "8b": "llama-3-8b", "70b": "llama-3-70b"}
 # "<preset>-<k>layers" keeps a preset's widths with k decoder layers (e.g. 70b-4layers).
 
 
 def preset_names() -> list[str]:
-    return sorted(_SHAPES) + sorted(_ALIASES) + ["70b-4layers"]
+    return sorted(_SHAPES) + sorted(_MOE_SHAPES) + sorted(_ALIASES) + ["70b-4layers"]
 
 
 def preset_config(name: str):
@@ -49,6 +61,12 @@ def preset_config(name: str):
             raise QdoraError(f"bad layer count in shape {name!r}: use e.g. 70b-4layers")
         layers = int(digits)
     base = _ALIASES.get(base, base)
+    if base in _MOE_SHAPES:
+        from transformers import AutoConfig
+
+        model_type, kw = _MOE_SHAPES[base]
+        kw = dict(kw, **({"num_hidden_layers": layers} if layers is not None else {}))
+        return AutoConfig.for_model(model_type, **kw)
     if base not in _SHAPES:
         raise QdoraError(f"unknown model shape {name!r}: choose one of {', '.join(preset_names())}")
     kw = dict(max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=0,
