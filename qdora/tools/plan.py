@@ -79,6 +79,7 @@ class Shape:
     head_dim: int
     vocab: int
     tied: bool
+    fused: bool = False  # Phi-3: one qkv_proj and one gate_up_proj per layer instead of q/k/v and gate/up
 
     @property
     def q_dim(self) -> int:
@@ -90,12 +91,16 @@ class Shape:
 
     def linear_paths(self) -> list[str]:
         """Module paths of every decoder-block linear, as a Llama checkpoint names them (for --target)."""
-        return [f"model.layers.{n}.{'self_attn' if name.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}"
+        attention = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+        return [f"model.layers.{n}.{'self_attn' if name in attention else 'mlp'}"
                 f".{name}" for n in range(self.layers) for name in self.linears()]
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(out, in) of every linear of one decoder layer."""
         h, i = self.hidden, self.intermediate
+        if self.fused:
+            return {"qkv_proj": (self.q_dim + 2 * self.kv_dim, h), "o_proj": (h, self.q_dim),
+                    "gate_up_proj": (2 * i, h), "down_proj": (h, i)}
         return {"q_proj": (self.q_dim, h), "k_proj": (self.kv_dim, h), "v_proj": (self.kv_dim, h),
                 "o_proj": (h, self.q_dim), "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
 
@@ -177,7 +182,7 @@ def shape_from_config(config) -> Shape:
     kv = d.get("num_key_value_heads") or heads
     head_dim = d.get("head_dim") or d["hidden_size"] // heads
     s = Shape(d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"], heads, kv, head_dim,
-              d["vocab_size"], bool(d.get("tie_word_embeddings", False)))
+              d["vocab_size"], bool(d.get("tie_word_embeddings", False)), fused=d.get("model_type") == "phi3")
     if min(s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.head_dim, s.vocab) < 1:
         raise QdoraError(f"model config has a non-positive size: {s}")
     return s
