@@ -34,6 +34,7 @@ def test_disk_full_while_writing_a_checkpoint_then_resume(tiny_llama_dir, tmp_pa
     out = disk / "run"
     line = one_error(run(tiny_llama_dir, alpaca_data(tmp_path), out))
     assert f"cannot write checkpoint 2 to {out / 'checkpoint-2'}: no space left on the device" in line
+    assert "(it needs 1" in line and "kB, " in line  # adapter + optimizer tensors: ~150 kB
     assert f"the last good checkpoint is {out / 'checkpoint-1'} (continue from it with --resume latest)" in line
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "metrics.jsonl", "train_config.yaml"]
 
