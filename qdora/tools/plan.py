@@ -137,7 +137,7 @@ class MemoryPlan:
             f"  adapters+grads+optim    {g(self.adapters)}   ({d['adapter_params']:,} params x "
             f"{d['adapter_bytes_per_param']} B)",
             f"  checkpointed hiddens    {g(self.checkpoints)}"
-            + ("   (offloaded to pinned host memory; 3 in flight)" if s["offload"] in ("activations", "all") else ""),
+            + ("   (offloaded to pinned host memory; 3 in flight)" if offloads_activations(s["offload"]) else ""),
             f"  layer recompute         {g(self.recompute)}",
             f"  logits / loss           {g(self.logits)}   (the larger of this and recompute+dequantized counts)",
             f"  transients              {g(self.transient)}",
@@ -149,7 +149,7 @@ class MemoryPlan:
             "offloaded shards + optimizer)",
         ]
         margin = (self.gpu_mem_bytes - self.total_bytes) / GIB
-        where = "base on the GPUs" if s["offload"] not in ("params", "all") else "base streamed from host memory"
+        where = "base on the GPUs" if not offloads_params(s["offload"]) else "base streamed from host memory"
         if self.fits:
             lines.append(f"fits ({where}): {self.total_bytes / GIB:.1f} GiB <= {self.gpu_mem_bytes / GIB:g} GiB, "
                          f"margin {margin:.1f} GiB")
@@ -420,7 +420,7 @@ def _cheapest_fit(shape: Shape, settings: dict, dtype_bytes: int) -> dict | None
                 if p.fits:
                     return dict(flags=_flags(s, kw), total_gib=p.total_bytes / GIB,
                                 margin_gib=(p.gpu_mem_bytes - p.total_bytes) / GIB,
-                                base_resident=kw["offload"] not in ("params", "all"),
+                                base_resident=not offloads_params(kw["offload"]),
                                 **{k: kw[k] for k in ("offload", "micro_batch", "seq_len", "lm_head",
                                                       "adapter_dtype", "optim", "embeddings")})
     return None

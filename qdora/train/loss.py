@@ -15,8 +15,8 @@ constant logit scale) is a `LogitsTransform`, applied to each chunk in fp32 and 
 backward, so qdora trains the function the model runs (`LogitsTransform.from_config`).
 
 Labels are shifted inside: hidden state t predicts labels[t + 1], as transformers' causal LMs do.
-Tokens labelled `ignore_index` are dropped before any logits are computed, so prompt tokens under
-completion-only masking cost nothing.
+Tokens labelled `ignore_index` are masked, not dropped: nothing here waits for the device (no `nonzero`,
+no count on the host), at the price of computing their logits too.
 """
 
 from __future__ import annotations
@@ -83,17 +83,18 @@ def _shifted_targets(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Sum of token cross-entropies over selected rows of `hidden`, logits recomputed per chunk."""
+    """Sum of token cross-entropies over the rows of `hidden` where `mask` (fp32 0/1) is 1, logits recomputed
+    per chunk. Masked-out rows must be finite (the caller zeroes them): they add 0 and get no gradient."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                transform: LogitsTransform):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                chunk_size: int, transform: LogitsTransform):
         with torch.autocast(hidden.device.type, enabled=False):
-            return _ChunkedCrossEntropy._forward(ctx, hidden, weight, targets, chunk_size, transform)
+            return _ChunkedCrossEntropy._forward(ctx, hidden, weight, targets, mask, chunk_size, transform)
 
     @staticmethod
-    def _forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                 transform: LogitsTransform):
+    def _forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                 chunk_size: int, transform: LogitsTransform):
         n = hidden.shape[0]
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -103,9 +104,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             chunk_lse = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, targets[start:stop, None]).squeeze(1)
             lse[start:stop] = chunk_lse
-            total += (chunk_lse - target_logit).sum()
+            total += ((chunk_lse - target_logit) * mask[start:stop]).sum()
             del logits
-        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.save_for_backward(hidden, weight, targets, mask, lse)
         ctx.chunk_size = chunk_size
         ctx.transform = transform
         return total
@@ -117,7 +118,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_total: torch.Tensor):
-        hidden, weight, targets, lse = ctx.saved_tensors
+        hidden, weight, targets, mask, lse = ctx.saved_tensors
         chunk_size, transform = ctx.chunk_size, ctx.transform
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -130,7 +131,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             z = transform((h @ weight.t()).float())
             probs = torch.exp(z - lse[start:stop, None])
             probs[torch.arange(stop - start, device=probs.device), targets[start:stop]] -= 1.0
-            dz = probs * g
+            dz = probs * (mask[start:stop] * g)[:, None]  # masked rows: no gradient
             del probs
             dlogits = (dz if transform.identity else transform.backward(z, dz)).to(hidden.dtype)
             del z, dz
@@ -140,7 +141,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 grad_w.addmm_(dlogits.t().float(), h.float())
         if need_w:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def chunked_cross_entropy(
@@ -164,20 +165,18 @@ def chunked_cross_entropy(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not match")
-    targets = _shifted_targets(labels, ignore_index)
-    keep = (targets != ignore_index).nonzero().squeeze(1)
-    count = keep.numel()
+    targets = _shifted_targets(labels, ignore_index).to(hidden.device)
+    keep = targets != ignore_index
     flat = hidden.reshape(-1, hidden.shape[-1])
-    if count == 0:
-        # Keep the graph connected so every rank runs the same backward, with zero gradients
-        # (sums of empty slices: exactly 0 even if the hidden states hold inf/nan).
-        zero = (flat[:0].sum() + weight[:0].sum()).float()
-        return zero, torch.zeros((), dtype=torch.int64, device=hidden.device)
-    selected = flat.index_select(0, keep) if count < flat.shape[0] else flat
-    if selected.dtype != weight.dtype:  # the lm_head's dtype is the compute dtype (autocast is off inside)
-        selected = selected.to(weight.dtype)
-    total = _ChunkedCrossEntropy.apply(selected, weight, targets.index_select(0, keep), chunk_size, transform)
-    return total, torch.tensor(count, dtype=torch.int64, device=hidden.device)
+    if flat.dtype != weight.dtype:  # the lm_head's dtype is the compute dtype (autocast is off inside)
+        flat = flat.to(weight.dtype)
+    # Ignored rows are zeroed, not dropped: dropping needs their count on the host (a device sync every
+    # micro step); zeroed rows give finite logits even if the hidden states there hold inf/nan, add 0, and
+    # pass no gradient back. A batch with no targets still runs the same backward (every rank does).
+    flat = torch.where(keep[:, None], flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+    total = _ChunkedCrossEntropy.apply(flat, weight, targets.masked_fill(~keep, 0), keep.float(), chunk_size,
+                                       transform)
+    return total, keep.sum()
 
 
 def chunked_causal_lm_loss(

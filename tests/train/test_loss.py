@@ -178,3 +178,30 @@ def test_logits_transform_from_config():
     assert LogitsTransform.from_config({"final_logit_softcapping": 30.0}) == LogitsTransform(softcap=30.0)
     assert LogitsTransform.from_config({"logits_scaling": 4.0}) == LogitsTransform(scale=0.25)
     assert LogitsTransform.from_config({"model_type": "llama"}).identity
+
+
+class _Ops(TorchDispatchMode):
+    """Records the name of every op that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_op_waits_for_the_device():
+    """No nonzero / item / boolean indexing: on a GPU each makes the host wait for the device, every micro
+    step, so the GPU idles while the backward's launches are queued."""
+    hidden, weight, labels = _case(torch.float32, seed=6)
+    labels[0, :5] = -100  # prompt tokens under completion-only masking
+    with _Ops() as ops:
+        total, count = chunked_cross_entropy(hidden, weight, labels, chunk_size=4)
+        (total / count.clamp(min=1)).backward()
+    # boolean indexing dispatches to nonzero; .item()/int() to _local_scalar_dense
+    syncing = {n for n in ops.names if any(k in n for k in ("nonzero", "_local_scalar_dense", "masked_select",
+                                                                "unique"))}
+    assert not syncing, syncing
+    assert count.item() == (labels[:, 1:] != -100).sum().item()
