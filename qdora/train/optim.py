@@ -43,6 +43,56 @@ def build_optimizer(params: list[torch.Tensor], name: str, lr: float, weight_dec
     return cls(params, lr=lr, weight_decay=weight_decay)
 
 
+BNB_NESTED = "__bnb_optimizer_quant_state__"  # bitsandbytes nests its per-parameter tensors under this key
+BNB_PREFIX = "bnb."  # ... which a checkpoint stores flat, as `bnb.state1`, `bnb.absmax1`, ...
+
+
+def is_bnb(optimizer: torch.optim.Optimizer) -> bool:
+    return type(optimizer).__module__.startswith("bitsandbytes")
+
+
+def bnb_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A bitsandbytes optimizer's state keyed by parameter names, flat (tensors and plain values only), on
+    the CPU: what a checkpoint writes as safetensors + JSON. (torch's distributed state-dict API cannot load
+    bnb's nested per-parameter dict back; bnb optimizers only run unsharded, so none is needed.)"""
+    sd = optimizer.state_dict()
+    names = _param_names(model, optimizer)
+    state = {}
+    for index, values in sd["state"].items():
+        flat = {}
+        for key, value in values.items():
+            if key == BNB_NESTED:
+                flat.update({BNB_PREFIX + k: v for k, v in value.items()})
+            else:
+                flat[key] = value
+        state[names[index]] = {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in flat.items()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+              for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def load_bnb_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of `bnb_state_dict` (bit-exact: the uint8 moments and fp32 scales are copied as they are)."""
+    names = _param_names(model, optimizer)
+    index = {n: i for i, n in enumerate(names)}
+    missing = [n for n in names if n not in state["state"]]
+    if missing:
+        raise QdoraError(f"the checkpoint's optimizer state lacks {missing[:2]}: it is from another model/config")
+    nested = {}
+    for name, values in state["state"].items():
+        inner = {k[len(BNB_PREFIX):]: v for k, v in values.items() if k.startswith(BNB_PREFIX)}
+        outer = {k: v for k, v in values.items() if not k.startswith(BNB_PREFIX)}
+        nested[index[name]] = {**outer, **({BNB_NESTED: inner} if inner else {})}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
+              for g in state["param_groups"]]
+    optimizer.load_state_dict({"state": nested, "param_groups": groups})
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
 def check_optimizer(name: str, device: torch.device, sharded: bool) -> None:
     """Refuse what cannot work before anything is loaded or written."""
     if name == "paged_adamw8bit" and device.type != "cuda":

@@ -60,3 +60,28 @@ def test_clipping_happens_once_per_step_after_accumulation(tiny_llama_dir, tmp_p
                               max_grad_norm=0))
     assert {r["step"]: r["grad_norm"] for r in metrics(tmp_path / "free")}[1] == pytest.approx(n1[1], rel=1e-5)
     assert abs(free.losses[3] - one.losses[3]) > 1e-4
+
+
+def test_loss_spike_warns_or_stops_naming_the_step_and_the_checkpoint(tiny_llama_dir, tmp_path):
+    """--spike-factor 1.01 makes ordinary batch-to-batch noise a 'spike': the warn run finishes, and the stop
+    run stops at exactly the first step the rule (median of the last good steps, from step 6) flags."""
+    from qdora.errors import QdoraError
+    from qdora.train.optim import SpikeGuard
+
+    data = alpaca_data(tmp_path)
+    kw = dict(max_steps=12, lr=1e-3, micro_batch=1, spike_factor=1.01, save_every=2, keep=0)
+    warned = train(small_config(tiny_llama_dir, data, tmp_path / "warn", on_spike="warn", **kw))
+    assert warned.status == "done" and sorted(warned.losses) == list(range(1, 13))
+    rule, first = SpikeGuard(1.01), None
+    for step in range(1, 13):
+        if rule.is_spike(warned.losses[step]):
+            first = first or step
+        else:
+            rule.record(warned.losses[step])
+    assert first is not None and first >= 6, warned.losses
+    with pytest.raises(QdoraError) as err:
+        train(small_config(tiny_llama_dir, data, tmp_path / "stop", on_spike="stop", **kw))
+    msg = str(err.value)
+    assert f"loss spike at step {first}:" in msg and "stopped before that update" in msg
+    last = (first - 1) // 2 * 2
+    assert f"checkpoint-{last}" in msg
