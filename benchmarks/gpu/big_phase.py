@@ -12,6 +12,28 @@ import sys
 from benchmarks.gpu.common import Phase
 
 
+def fitting_flags(phase: Phase) -> list[str]:
+    """The planner's cheapest base-resident fit for 70B on 2 × 24 GiB, limited to flags `qdora train` has."""
+    from benchmarks.gpu.big_train import train_flags
+    from qdora.tools.plan import plan_memory
+    from qdora.tools.presets import preset_config
+
+    plan = plan_memory(preset_config("70b"), gpus=2, gpu_mem_gib=24, seq_len=2048)
+    phase.log(plan.report())
+    sug = getattr(plan, "suggestion", None) or {}
+    if plan.fits or not sug.get("flags"):
+        return []
+    flags, help_text, out = sug["flags"].split(), train_flags(), []
+    for i in range(0, len(flags) - 1, 2):
+        if flags[i] in help_text:
+            out += flags[i:i + 2]
+        else:
+            phase.log(f"planner suggests {flags[i]} {flags[i + 1]}, which qdora train does not have yet")
+    phase.data["planner_flags"] = sug["flags"]
+    phase.data["flags_used"] = " ".join(out)
+    return out
+
+
 def run(phase: Phase) -> None:
     two = phase.name == "70b-2ranks"
     shape, seq, steps = ("tiny", 128, 2) if phase.dry_run else ("70b", 2048, 3)
@@ -24,6 +46,8 @@ def run(phase: Phase) -> None:
             args += ["--offload", "params"]
     else:
         args += ["--device", "cpu"]
+    if two and not phase.dry_run:
+        args += fitting_flags(phase)
     if two:
         from qdora.train.distributed import free_port
 

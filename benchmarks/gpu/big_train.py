@@ -23,6 +23,33 @@ import torch
 GIB = 1024**3
 
 
+# The planner's memory modes and what `qdora train` did before it had the flag (the run's actual layout).
+PLAN_MODES = {"embeddings": "device", "lm_head": "dense", "adapter_dtype": "fp32", "optim": "adamw"}
+
+
+def train_flags() -> str:
+    """`qdora train --help`: which memory-mode flags this checkout's CLI has."""
+    from click.testing import CliRunner
+
+    from qdora.cli import main as cli
+
+    return CliRunner().invoke(cli, ["train", "--help"]).output
+
+
+def plan_settings(extra: list[str]) -> dict[str, str]:
+    """The planner's memory modes for a run given `extra` train flags: a flag's value when given, the
+    train default when the CLI has the flag, else the layout train uses without it."""
+    help_text = train_flags()
+    out = {}
+    for key, without in PLAN_MODES.items():
+        flag = "--" + key.replace("_", "-")
+        if flag in extra:
+            out[key] = extra[extra.index(flag) + 1]
+        elif flag not in help_text:
+            out[key] = without
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="70b")
@@ -90,7 +117,8 @@ def main(argv=None) -> int:
         from qdora.tools.presets import preset_config
 
         plan = plan_memory(preset_config(args.shape), gpus=world, seq_len=args.seq_len, rank=args.rank,
-                           method=args.method, offload=args.offload, gpu_mem_gib=args.mem_cap_gib or 80)
+                           method=args.method, offload=args.offload, gpu_mem_gib=args.mem_cap_gib or 80,
+                           **plan_settings(extra))
         report["planner_allocated_gib"] = plan.allocated_bytes / GIB
         report["planner_total_gib"] = plan.total_bytes / GIB
     except Exception as e:  # noqa: BLE001  (the planner's signature may grow options; the run is what counts)

@@ -179,13 +179,13 @@ class MethodSpec:
     def prepare(self, base: nn.Module, seed: int) -> tuple[nn.Module, int]:
         """A fresh trainable copy of the base: (model, trainable parameter count)."""
         model = copy.deepcopy(base)
-        torch.manual_seed(seed)  # adapter init (lora_A) draws from the global generator
+        torch.manual_seed(seed)
         if self.kind == "full":
             for p in model.parameters():
                 p.requires_grad_(True)
             return model, sum(p.numel() for p in model.parameters())
         spec = AdapterSpec(method=self.kind, r=self.r, alpha=2.0 * self.r, adapter_dtype="float32")
-        report = adapt_model(model, spec)
+        report = adapt_model(model, spec, seed=seed)  # each seed its own initial adapter
         return model, report.trainable_params
 
 

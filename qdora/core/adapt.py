@@ -105,10 +105,17 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
-def make_layer(linear: nn.Linear, spec: AdapterSpec, storage_dtype: torch.dtype | None = None) -> QDoRALinear:
-    """A QDoRALinear for `linear`: quantized from its weight, or empty on meta for streaming loads."""
+def layer_seed(seed: int, index: int) -> int:
+    """The init seed of the `index`-th adapted layer (in module order) of a model adapted with `seed`."""
+    return seed * 1_000_003 + index
+
+
+def make_layer(linear: nn.Linear, spec: AdapterSpec, storage_dtype: torch.dtype | None = None, seed: int = 0
+               ) -> QDoRALinear:
+    """A QDoRALinear for `linear` with adapter `initial_adapter(seed)`: quantized from its weight, or empty on
+    meta for streaming loads (the loader inits it with the same seed)."""
     return QDoRALinear.from_linear(
-        linear, r=int(spec.r), alpha=float(spec.alpha), method=spec.method, rslora=spec.rslora,
+        linear, seed=seed, r=int(spec.r), alpha=float(spec.alpha), method=spec.method, rslora=spec.rslora,
         dropout=float(spec.dropout), double_quant=spec.double_quant, adapter_dtype=spec.torch_adapter_dtype,
         storage_dtype=storage_dtype,
     )
@@ -120,10 +127,13 @@ def make_frozen(linear: nn.Linear, spec: AdapterSpec, storage_dtype: torch.dtype
 
 
 def adapt_model(
-    model: nn.Module, spec: AdapterSpec, storage_dtype: torch.dtype | None = None
+    model: nn.Module, spec: AdapterSpec, storage_dtype: torch.dtype | None = None, seed: int = 0
 ) -> AdaptReport:
     """Quantize every linear of the decoder blocks to NF4 (in place), put adapters on the targeted ones,
-    and freeze everything else. Untargeted linears become frozen `NF4Linear`s, as in QLoRA."""
+    and freeze everything else. Untargeted linears become frozen `NF4Linear`s, as in QLoRA.
+
+    The i-th adapted layer starts from `initial_adapter(layer_seed(seed, i))`, exactly as `load_model`
+    with the same seed inits it."""
     report = AdaptReport()
     targets = set(find_targets(model, spec.target))
     for path in linear_names_in_blocks(model):
@@ -131,7 +141,8 @@ def adapt_model(
         if not isinstance(module, nn.Linear):
             raise QdoraError(f"{path} is already quantized/adapted")
         if path in targets:
-            set_submodule(model, path, make_layer(module, spec, storage_dtype))
+            set_submodule(model, path, make_layer(module, spec, storage_dtype,
+                                                  layer_seed(seed, len(report.adapted))))
             report.adapted.append(path)
         else:
             set_submodule(model, path, make_frozen(module, spec, storage_dtype))
@@ -143,7 +154,7 @@ def adapt_model(
 
 
 def freeze_base(model: nn.Module) -> None:
-    """Only adapter tensors (lora_A, lora_B, magnitude) train; base weights, biases, norms are frozen."""
+    """Only adapter tensors (`ADAPTER_ATTRS`) train; base weights, biases, norms are frozen."""
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in adapter_layers(model).values():

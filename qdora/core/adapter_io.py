@@ -3,8 +3,13 @@
 PEFT is what the ecosystem reads (vLLM, TGI, `PeftModel.from_pretrained`), so our adapters are PEFT
 adapters: key names `base_model.model.<path>.lora_A.weight`, `.lora_B.weight`,
 `.lora_magnitude_vector`, and a config with `peft_type: LORA`, `use_dora`, `r`, `lora_alpha`, ...
-Adapters made by PEFT load here too. Files are written to a temporary name and renamed, so an
-interrupted save never leaves a half-written adapter.
+qdora's own record (how the base was quantized, the adapter dtype) goes to a `qdora_adapter.json` beside
+it: PEFT warns about keys it does not know in its config. Adapters made by PEFT load here too, from
+safetensors only (`adapter_model.bin` is a pickle: loading it could run code). Files are written to a
+temporary name and renamed, so an interrupted save never leaves a half-written adapter.
+
+Saving and loading work on whole tensors (`qdora.core.shards`): under FSDP2 every rank calls
+`adapter_state_dict` (a gather) and `load_adapter_weights` (each rank keeps its rows).
 """
 
 from __future__ import annotations
@@ -17,15 +22,21 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qdora.core.adapt import ALL_LINEAR, AdapterSpec, adapt_model, adapter_layers
+from qdora.core.layer import ADAPTER_ATTRS
 from qdora.core.nf4 import BLOCKSIZE
+from qdora.core.shards import fill_param, whole
 from qdora.errors import QdoraError
 from qdora.io.atomic import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+QDORA_NAME = "qdora_adapter.json"
 PREFIX = "base_model.model."
-_SUFFIX_TO_ATTR = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "magnitude"}
-_ATTR_TO_SUFFIX = {attr: suffix for suffix, attr in _SUFFIX_TO_ATTR.items()}
+# PEFT's key suffix for each of our adapter attributes (same order as ADAPTER_ATTRS)
+_ATTR_TO_SUFFIX = dict(zip(ADAPTER_ATTRS, (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"),
+                           strict=True))
+_SUFFIX_TO_ATTR = {suffix: attr for attr, suffix in _ATTR_TO_SUFFIX.items()}
+_OLD_MAGNITUDE_SUFFIX = ".lora_magnitude_vector.weight"  # older PEFT versions
 
 
 def peft_key(path: str, attr: str) -> str:
@@ -34,13 +45,12 @@ def peft_key(path: str, attr: str) -> str:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors under PEFT's key names (full tensors: call outside any FSDP sharding)."""
+    """The adapter tensors under PEFT's key names, whole, on the CPU (a gather under FSDP2: every rank calls
+    it)."""
     state = {}
     for path, layer in adapter_layers(model).items():
-        for attr in _ATTR_TO_SUFFIX:
-            p = getattr(layer, attr)
-            if p is not None:
-                state[peft_key(path, attr)] = p.detach().to("cpu").contiguous()
+        for attr, p in layer.adapter_tensors().items():
+            state[peft_key(path, attr)] = whole(p).to("cpu").clone().contiguous()
     return state
 
 
@@ -58,12 +68,8 @@ def peft_config_dict(spec: AdapterSpec, target_names: list[str], base_model: str
 
     `provenance` ({"model": {"name", "revision"}, "data": ...}) is what the run was trained on: the base
     model's Hub commit goes into PEFT's own `revision` field (PeftModel.from_pretrained then loads that
-    commit of the base), the whole record into qdora's metadata.
+    commit of the base), the whole record into qdora's own `qdora_adapter.json` (`qdora_record`).
     """
-    own = {"method": spec.method, "double_quant": spec.double_quant, "quant_type": "nf4",
-           "blocksize": BLOCKSIZE, "adapter_dtype": spec.adapter_dtype}
-    if provenance:
-        own["provenance"] = provenance
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -80,17 +86,26 @@ def peft_config_dict(spec: AdapterSpec, target_names: list[str], base_model: str
         "init_lora_weights": True,
         "modules_to_save": None,
         "inference_mode": True,
-        # qdora's own record of how the base was quantized and what the run read, ignored by PEFT
-        "qdora": own,
     }
+
+
+def qdora_record(spec: AdapterSpec, provenance: dict | None = None) -> dict:
+    """qdora's own record of how the base was quantized and what the run read (`qdora_adapter.json`: PEFT
+    warns about unknown keys in its config, so they are not there)."""
+    own = {"method": spec.method, "double_quant": spec.double_quant, "quant_type": "nf4",
+           "blocksize": BLOCKSIZE, "adapter_dtype": spec.adapter_dtype}
+    if provenance:
+        own["provenance"] = provenance
+    return own
 
 
 def save_adapter(
     model: nn.Module, out_dir: str | Path, spec: AdapterSpec, base_model: str | None = None,
     state: dict[str, torch.Tensor] | None = None, provenance: dict | None = None,
 ) -> Path:
-    """Write the adapter in PEFT format; `state` overrides the tensors (e.g. gathered from FSDP);
-    `provenance` records the model/data revisions (see `peft_config_dict`)."""
+    """Write the adapter in PEFT format (+ qdora_adapter.json); `state` (from `adapter_state_dict`, e.g.
+    gathered on every rank of an FSDP2 run) replaces reading the model; `provenance` records the model/data
+    revisions (see `peft_config_dict`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model) if state is None else state
@@ -100,6 +115,8 @@ def save_adapter(
     config = peft_config_dict(spec, targets, base_model, provenance)
     atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    record = qdora_record(spec, provenance)
+    atomic_write(out / QDORA_NAME, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
     return out
 
 
@@ -120,7 +137,7 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[AdapterSpec, dict]:
     if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
         raise QdoraError(f"{path}: trained biases / modules_to_save are not supported")
     targets = cfg.get("target_modules") or ALL_LINEAR
-    own = cfg.get("qdora", {})
+    own = _read_qdora_record(Path(adapter_dir)) or cfg.get("qdora", {})  # the key: adapters of qdora <= 0.1
     spec = AdapterSpec(
         method="dora" if cfg.get("use_dora") else "lora",
         r=int(cfg["r"]),
@@ -134,16 +151,33 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[AdapterSpec, dict]:
     return spec, cfg
 
 
+def _read_qdora_record(adapter_dir: Path) -> dict:
+    path = adapter_dir / QDORA_NAME
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise QdoraError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(record, dict):
+        raise QdoraError(f"{path} is not a JSON object")
+    return record
+
+
 def load_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The adapter tensors keyed by (module path, attribute), from PEFT-format files."""
+    """The adapter tensors keyed by (module path, attribute), from PEFT-format safetensors."""
     path = Path(adapter_dir) / WEIGHTS_NAME
     if not path.is_file():
-        bin_path = Path(adapter_dir) / "adapter_model.bin"
-        if not bin_path.is_file():
-            raise QdoraError(f"{adapter_dir} has no {WEIGHTS_NAME}")
-        raw = torch.load(bin_path, map_location="cpu", weights_only=True)
-    else:
+        if (Path(adapter_dir) / "adapter_model.bin").is_file():
+            raise QdoraError(
+                f"{adapter_dir} holds adapter_model.bin, a pickle file (loading one can run code), and no "
+                f"{WEIGHTS_NAME}: qdora reads safetensors only. If you trust its origin, re-save it with PEFT "
+                "(PeftModel.from_pretrained(...).save_pretrained(dir), which writes safetensors)")
+        raise QdoraError(f"{adapter_dir} has no {WEIGHTS_NAME}")
+    try:
         raw = load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError for a damaged header
+        raise QdoraError(f"cannot read {path} as safetensors: {e}") from e
     out = {}
     for key, tensor in raw.items():
         if not key.startswith(PREFIX):
@@ -154,24 +188,28 @@ def load_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
                 out[(body[: -len(suffix)], attr)] = tensor
                 break
         else:
-            if body.endswith(".lora_magnitude_vector.weight"):
-                out[(body[: -len(".lora_magnitude_vector.weight")], "magnitude")] = tensor
+            if body.endswith(_OLD_MAGNITUDE_SUFFIX):
+                out[(body[: -len(_OLD_MAGNITUDE_SUFFIX)], _SUFFIX_TO_ATTR[".lora_magnitude_vector"])] = tensor
             else:
                 raise QdoraError(f"unexpected adapter key {key!r}")
     return out
 
 
-@torch.no_grad()
 def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
-    """Copy an adapter's tensors into an already adapted model; every layer must be covered."""
-    tensors = load_adapter_tensors(adapter_dir)
+    """Copy an adapter folder's tensors into an already adapted model (each rank its rows under FSDP2)."""
+    fill_adapter(model, load_adapter_tensors(adapter_dir), adapter_dir)
+
+
+@torch.no_grad()
+def fill_adapter(model: nn.Module, tensors: dict[tuple[str, str], torch.Tensor], source: str | Path) -> None:
+    """Copy adapter tensors (from `load_adapter_tensors`) into an already adapted model, each rank its rows
+    under FSDP2; every layer must be covered and every shape fit (`source` names them in errors)."""
     layers = adapter_layers(model)
-    missing = [(p, a) for p, layer in layers.items() for a in ("lora_A", "lora_B", "magnitude")
-               if getattr(layer, a) is not None and (p, a) not in tensors]
+    missing = [(p, a) for p, layer in layers.items() for a in layer.adapter_tensors() if (p, a) not in tensors]
     unknown = [p for p, _ in tensors if p not in layers]
     if missing or unknown:
         raise QdoraError(
-            f"adapter {adapter_dir} does not fit this model: "
+            f"adapter {source} does not fit this model: "
             + (f"missing {missing[:3]}{'...' if len(missing) > 3 else ''} " if missing else "")
             + (f"no such adapted module {unknown[:3]}" if unknown else "")
         )
@@ -181,7 +219,7 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
             raise QdoraError(f"{path} has no {attr} (adapter method does not match the model's layers)")
         if param.shape != tensor.shape:
             raise QdoraError(f"{path}.{attr}: adapter shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
-        param.copy_(tensor.to(param.dtype))
+        fill_param(param, tensor)
 
 
 def apply_adapter(model: nn.Module, adapter_dir: str | Path, storage_dtype: torch.dtype | None = None):

@@ -24,9 +24,23 @@ import torch
 from torch import nn
 
 from qdora.core.nf4 import NF4Spec, NF4Weight, dequantize_nf4
+from qdora.core.shards import fill_param
 from qdora.options import METHOD
 
 Method = Literal["dora", "lora"]
+
+# The adapter's parameter names on QDoRALinear, in this order everywhere (PEFT's key suffixes for them are
+# derived in `qdora.core.adapter_io`); no other module spells them.
+ADAPTER_ATTRS = ("lora_A", "lora_B", "magnitude")
+A, B, M = ADAPTER_ATTRS
+
+
+def adapter_shapes(in_features: int, out_features: int, r: int, method: Method) -> dict[str, tuple[int, ...]]:
+    """Shape of each adapter tensor of one layer: A [r, in], B [out, r], magnitude [out] (dora only)."""
+    shapes = {A: (r, in_features), B: (out_features, r)}
+    if method == "dora":
+        shapes[M] = (out_features,)
+    return shapes
 
 
 def adapter_scale(r: int, alpha: float, rslora: bool) -> float:
@@ -260,12 +274,13 @@ class QDoRALinear(nn.Module):
         self.r, self.alpha, self.method, self.rslora = r, alpha, method, rslora
         self.scale = adapter_scale(r, alpha, rslora)
         self.base = NF4Weight(NF4Spec(out_features, in_features, double_quant), storage_dtype, device=device)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=adapter_dtype, device=device))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=adapter_dtype, device=device))
-        if method == "dora":
-            self.magnitude = nn.Parameter(torch.empty(out_features, dtype=adapter_dtype, device=device))
-        else:
-            self.register_parameter("magnitude", None)
+        shapes = adapter_shapes(in_features, out_features, r, method)
+        for name in ADAPTER_ATTRS:
+            if name in shapes:
+                self.register_parameter(name, nn.Parameter(torch.empty(shapes[name], dtype=adapter_dtype,
+                                                                       device=device)))
+            else:
+                self.register_parameter(name, None)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
         else:
@@ -273,33 +288,45 @@ class QDoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> QDoRALinear:
-        """Quantize an existing nn.Linear (its device) and attach a freshly initialised adapter.
+    def from_linear(cls, linear: nn.Linear, seed: int = 0, **kwargs) -> QDoRALinear:
+        """Quantize an existing nn.Linear (its device) and attach the adapter `initial_adapter(seed)`.
 
         A meta linear gives an empty meta layer: the streaming loader fills the base and inits the adapter."""
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     device=linear.weight.device, **kwargs)
         if _take_linear(layer, linear):
-            layer.reset_adapter()
+            layer.reset_adapter(seed)
         return layer
 
     @torch.no_grad()
-    def reset_adapter(self, seed: int | None = None) -> None:
-        """PEFT's init: A Kaiming-uniform(a=√5), B zero, magnitude = ||Ŵ_i|| of the dequantized base."""
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=self.lora_A.device).manual_seed(seed)
-        a = torch.empty(self.lora_A.shape, dtype=torch.float32, device=self.lora_A.device)
+    def initial_adapter(self, seed: int) -> dict[str, torch.Tensor]:
+        """PEFT's init as whole fp32 CPU tensors: A Kaiming-uniform(a=√5) from a CPU generator seeded with
+        `seed`, B zero, magnitude = ||Ŵ_i|| of the dequantized base.
+
+        The one adapter init: every rank computes it whole from the same seed (A is r×in, tiny), so a sharded
+        model, a streamed one and an in-memory adapted one all start from the same adapter.
+        """
+        gen = torch.Generator().manual_seed(seed)
         bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=√5) on [r, in] gives this bound
-        a.uniform_(-bound, bound, generator=gen)
-        self.lora_A.copy_(a)
-        self.lora_B.zero_()
-        if self.magnitude is not None:
-            self.magnitude.copy_(self.base.row_norm_sq.sqrt())
+        shapes = adapter_shapes(self.in_features, self.out_features, self.r, self.method)
+        out = {A: torch.empty(shapes[A], dtype=torch.float32).uniform_(-bound, bound, generator=gen),
+               B: torch.zeros(shapes[B], dtype=torch.float32)}
+        if M in shapes:
+            out[M] = self.base.row_norm_sq.detach().float().sqrt().cpu()
+        return out
+
+    def reset_adapter(self, seed: int = 0) -> None:
+        """Put `initial_adapter(seed)` into the adapter (or this rank's shard of it)."""
+        for name, full in self.initial_adapter(seed).items():
+            fill_param(getattr(self, name), full)
+
+    def adapter_tensors(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors by attribute name: lora_A, lora_B and (dora) magnitude."""
+        return {name: p for name in ADAPTER_ATTRS if (p := getattr(self, name)) is not None}
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The trainable tensors: lora_A, lora_B and (dora) magnitude."""
-        return [p for p in (self.lora_A, self.lora_B, self.magnitude) if p is not None]
+        return list(self.adapter_tensors().values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_ad = self.dropout(x)

@@ -22,16 +22,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qdora.core.adapt import AdapterSpec, AdaptReport, adapt_model, adapter_layers
+from qdora.core.adapt import AdapterSpec, AdaptReport, adapt_model, adapter_layers, layer_seed
 from qdora.core.layer import NF4Linear, QDoRALinear
 from qdora.core.nf4 import NF4Weight, nf4_from_weight
+from qdora.core.shards import fill_param, whole
 from qdora.errors import QdoraError
 from qdora.io.weights import WeightReader
 
@@ -95,29 +95,6 @@ def build_meta_model(model_dir: str | Path, spec: AdapterSpec, compute_dtype: to
     return model, report
 
 
-def _local_rows(param: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(destination, source) for filling `param` from the full tensor: this rank's dim-0 chunk under FSDP2."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(param, DTensor):
-        return param.data, full
-    local = param.to_local()
-    mesh = param.device_mesh
-    world, rank = mesh.size(), mesh.get_local_rank()
-    chunks = torch.chunk(full, world, dim=0)  # FSDP2 shards dim 0 as torch.chunk does
-    src = chunks[rank] if rank < len(chunks) else full[:0]
-    return local, src
-
-
-@torch.no_grad()
-def fill_param(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a full tensor into a parameter (or its FSDP2 shard), keeping the parameter's dtype and device."""
-    dst, src = _local_rows(param, full)
-    if tuple(dst.shape) != tuple(src.shape):
-        raise QdoraError(f"shape mismatch while loading: expected {tuple(dst.shape)}, got {tuple(src.shape)}")
-    dst.copy_(src.to(device=dst.device, dtype=dst.dtype))  # NF4 bytes arrive already in the storage dtype
-
-
 @torch.no_grad()
 def fill_nf4(target: NF4Weight, weight: torch.Tensor, device: torch.device) -> None:
     """Quantize a full-precision weight on `device` and put (this rank's rows of) it into `target`."""
@@ -162,26 +139,10 @@ def _recreate_rotary(module: nn.Module, device: torch.device) -> None:
             setattr(module, attr, value)
 
 
-def adapter_init_tensors(layer: QDoRALinear, seed: int) -> dict[str, torch.Tensor]:
-    """Full fp32 initial adapter tensors, as `QDoRALinear.reset_adapter(seed)` makes them, on CPU.
-
-    Computed in full on every rank (A is r×in, tiny) from the same seed, so all ranks agree and the
-    sharded init equals the single-process one.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    bound = 1.0 / math.sqrt(layer.in_features)
-    a = torch.empty(layer.lora_A.shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
-    out = {"lora_A": a, "lora_B": torch.zeros(layer.lora_B.shape, dtype=torch.float32)}
-    if layer.magnitude is not None:
-        out["magnitude"] = layer.base.row_norm_sq.detach().float().sqrt().cpu()
-    return out
-
-
 def init_adapters(model: nn.Module, seed: int) -> None:
-    """PEFT-style init of every adapter (A uniform, B zero, m = row norms); layer i uses seed·1000003 + i."""
+    """Every adapter from its `initial_adapter(layer_seed(seed, i))`, as `adapt_model(..., seed)` makes it."""
     for i, layer in enumerate(adapter_layers(model).values()):
-        for name, full in adapter_init_tensors(layer, seed * 1_000_003 + i).items():
-            fill_param(getattr(layer, name), full)
+        layer.reset_adapter(layer_seed(seed, i))
 
 
 def load_model(
@@ -190,19 +151,24 @@ def load_model(
     device: torch.device | str,
     compute_dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
-    shard: Callable[[nn.Module], None] | None = None,
 ) -> tuple[nn.Module, AdaptReport]:
     """The adapted, NF4-quantized causal LM, streamed from `model_dir` onto `device`.
 
-    `shard(model)` is called on the meta model (e.g. FSDP2 wrapping); parameters are then DTensors and
-    each rank fills only its rows. Adapter parameters keep `spec.adapter_dtype`; other float tensors are
-    loaded in `compute_dtype`. Raises QdoraError for missing files, unknown/missing tensors, bad shapes.
+    Adapter parameters keep `spec.adapter_dtype`; other float tensors are loaded in `compute_dtype`. Raises
+    QdoraError for missing files, unknown/missing tensors, bad shapes. (To shard with FSDP2: build the meta
+    model with `build_meta_model`, shard it, then `load_weights`.)
     """
+    open_checkpoint(model_dir)  # a folder that is no model: this clear message, before building anything
+    model, report = build_meta_model(model_dir, spec, compute_dtype)
+    load_weights(model, model_dir, device, seed)
+    return model, report
+
+
+def load_weights(model: nn.Module, model_dir: str | Path, device: torch.device | str, seed: int = 0) -> None:
+    """Materialise an adapted meta model (plain, or already FSDP2-sharded: each rank fills only its rows) on
+    `device` from `model_dir`'s safetensors, then init its adapters as `adapt_model(..., seed)` would."""
     device = torch.device(device)
     reader = open_checkpoint(model_dir)
-    model, report = build_meta_model(model_dir, spec, compute_dtype)
-    if shard is not None:
-        shard(model)
     model.to_empty(device=device)
     _rebuild_buffers(model, device)
 
@@ -236,19 +202,11 @@ def load_model(
     head = getattr(model, "lm_head", None)
     if isinstance(head, nn.Linear) and "lm_head.weight" not in loaded and embed_key is not None:
         if head.weight is not params[embed_key]:  # tie lost by to_empty/sharding: copy (the head is frozen)
-            fill_param(head.weight, _full(params[embed_key]))
+            fill_param(head.weight, whole(params[embed_key]))
         loaded.add("lm_head.weight")
-    adapter_names = {f"{p}.{a}" for p, layer in adapter_layers(model).items()
-                     for a in ("lora_A", "lora_B", "magnitude") if getattr(layer, a) is not None}
+    adapter_names = {f"{p}.{a}" for p, layer in adapter_layers(model).items() for a in layer.adapter_tensors()}
     missing = [n for n in params if n not in loaded and n not in adapter_names]
     if missing:
         raise QdoraError(f"{model_dir}: the checkpoint lacks {len(missing)} tensors the model needs, "
                          f"e.g. {', '.join(missing[:3])}")
     init_adapters(model, seed)
-    return model, report
-
-
-def _full(param: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return param.full_tensor() if isinstance(param, DTensor) else param.data

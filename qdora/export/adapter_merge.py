@@ -16,7 +16,7 @@ import torch
 
 from qdora.core.adapt import AdapterSpec, find_targets, linear_names_in_blocks
 from qdora.core.adapter_io import load_adapter_tensors, read_adapter_config
-from qdora.core.layer import adapter_scale, merge_weight
+from qdora.core.layer import ADAPTER_ATTRS, adapter_scale, adapter_shapes, merge_weight
 from qdora.core.load import meta_model
 from qdora.core.nf4 import nf4_from_weight
 from qdora.errors import QdoraError
@@ -93,23 +93,21 @@ class AdapterMerge:
         if unknown:
             raise QdoraError(f"adapter {self.adapter_dir} does not fit {self.base_dir}: "
                              f"no such target module {unknown[0]!r}")
-        dora = self.spec.method == "dora"
         for path in targets:
-            a, b, m = (tensors.get((path, k)) for k in ("lora_A", "lora_B", "magnitude"))
-            if a is None or b is None or (dora and m is None):
-                raise QdoraError(f"adapter {self.adapter_dir} does not fit {self.base_dir}: "
-                                 f"{path} has no {'lora_A' if a is None else 'lora_B' if b is None else 'magnitude'}")
             key = path + ".weight"
             if key not in self.reader:
                 raise QdoraError(f"{self.base_dir} has no tensor {key} that the adapter targets")
             out, inn = self.reader.shape(key)
-            r = self.spec.r
-            want = {"lora_A": (r, inn), "lora_B": (out, r), "magnitude": (out,)}
-            for name, t in (("lora_A", a), ("lora_B", b), ("magnitude", m if dora else None)):
-                if t is not None and tuple(t.shape) != want[name]:
+            want = adapter_shapes(inn, out, self.spec.r, self.spec.method)
+            for name, shape in want.items():
+                t = tensors.get((path, name))
+                if t is None:
+                    raise QdoraError(f"adapter {self.adapter_dir} does not fit {self.base_dir}: {path} has no {name}")
+                if tuple(t.shape) != shape:
                     raise QdoraError(f"adapter {self.adapter_dir} does not fit {self.base_dir}: {path}.{name} "
-                                     f"has shape {tuple(t.shape)}, the base needs {want[name]}")
-            self.adapters[key] = (a, b, m if dora else None)
+                                     f"has shape {tuple(t.shape)}, the base needs {shape}")
+            a, b, m = (tensors.get((path, name)) if name in want else None for name in ADAPTER_ATTRS)
+            self.adapters[key] = (a, b, m)
 
     def base_weight(self, key: str, w: torch.Tensor, base: str = "dequantized") -> torch.Tensor:
         """fp32 W: the NF4 round trip training saw (dequantized) or the checkpoint's own (original)."""

@@ -16,16 +16,15 @@ import torch.distributed as dist
 def build(model_dir: str, mp_bf16: bool):
     from transformers import AutoModelForCausalLM
 
-    from qdora.core.adapt import AdapterSpec, adapt_model
+    from qdora.core.adapt import AdapterSpec, adapt_model, adapter_layers
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     adapt_model(model, AdapterSpec(r=4, alpha=8, adapter_dtype="float32"))
     with torch.no_grad():  # non-zero B so the DoRA norm and magnitude matter
         g = torch.Generator().manual_seed(1)
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        for layer in adapter_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
     return model
 
 
@@ -84,8 +83,8 @@ def worker(rank: int, world: int, model_dir: str, out_dir: str, port: int, mp_bf
         return
     loss_sum = step(model, mine, n_tokens, world)
     dist.all_reduce(loss_sum)
-    grads = {f"{p}.{n}": getattr(layer, n).grad.full_tensor()
-                for p, layer in layers.items() for n in ("lora_A", "lora_B", "magnitude")}
+    grads = {f"{p}.{n}": t.grad.full_tensor() for p, layer in layers.items()
+             for n, t in layer.adapter_tensors().items()}
     torch.save({"packed": gathered, "local_rows": local_rows, "loss": loss_sum / n_tokens,
                 "grads": grads}, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()

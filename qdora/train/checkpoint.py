@@ -1,54 +1,53 @@
 """Training checkpoints: `OUTPUT/checkpoint-STEP/`, written atomically, the last K kept, resumable exactly.
 
-A checkpoint holds the adapter in PEFT format (usable on its own, like the final one), `optimizer.pt`
-(full AdamW state keyed by parameter names, gathered from FSDP2: the same file whatever the number of
-ranks; every rank reads it whole on resume and keeps its shard — adapters are small, so gathering costs
-little and needs no distributed-checkpoint folder layout), `trainer_state.pt` (step,
-scheduler, data iterator position, metrics bookkeeping), one `rng_state_RANK.pt` per rank (torch CPU/CUDA,
-Python, NumPy), and `trainer_state.json` (human-readable summary). Resuming needs the same
-micro_batch × ranks layout (the data iterator refuses another one, before anything is written).
+A checkpoint holds:
+- the adapter in PEFT format (usable on its own, like the final one);
+- `optimizer.safetensors` + `optimizer.json`: the whole AdamW state keyed by parameter names (torch's
+  distributed state-dict layout, gathered under FSDP2, so the same files whatever the number of ranks;
+  every rank reads them whole on resume and keeps its shard). Tensors go to safetensors, the rest (param
+  groups, non-tensor values) to JSON;
+- `trainer_state.json`: step, world size, scheduler, data iterator position, grad scaler, config;
+- one `rng_state_RANK.json` per rank (torch CPU/CUDA, Python, NumPy generators).
+
+Nothing is pickled, and nothing qdora reads is unpickled: a checkpoint from a shared disk or a colleague
+cannot run code on resume. A folder with pickle files (`*.pt`, from qdora 0.1) is refused with a message.
+Resuming needs the same micro_batch × ranks layout (the data iterator refuses another one, before anything
+is written).
 
 Atomicity: everything goes into `.checkpoint-STEP.tmp/` first and is renamed in one `os.replace`, so a
-crash never leaves a half-written `checkpoint-STEP`. With several ranks, rank 0 creates and renames the
-folder; the others write only their RNG file in between (barriers around it). Multi-node runs need OUTPUT
-on a filesystem all nodes share.
+crash never leaves a half-written `checkpoint-STEP` (a leftover `.tmp` folder is removed by the next save
+of that step). With several ranks, rank 0 creates and renames the folder; the others write only their RNG
+file in between (barriers around it). Multi-node runs need OUTPUT on a filesystem all nodes share.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from qdora.core.adapt import AdapterSpec
-from qdora.core.adapter_io import save_adapter
+from qdora.core.adapter_io import load_adapter_tensors, save_adapter
 from qdora.errors import QdoraError
 from qdora.train.distributed import Dist
+from qdora.train.rng_state import rng_state
 
 PREFIX = "checkpoint-"
 _PATTERN = re.compile(rf"^{PREFIX}(\d+)$")
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_REST = "optimizer.json"
+TRAINER_STATE = "trainer_state.json"
+PICKLED = ("optimizer.pt", "trainer_state.pt", "rng_state_0.pt")
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def rng_file(rank: int) -> str:
+    return f"rng_state_{rank}.json"
 
 
 def list_checkpoints(output: str | Path) -> list[tuple[int, Path]]:
@@ -68,9 +67,44 @@ def resolve_resume(output: str | Path, resume: str) -> Path:
             raise QdoraError(f"--resume latest: {output} holds no {PREFIX}STEP folder")
         return found[-1][1]
     path = Path(resume)
-    if not (path / "trainer_state.pt").is_file():
-        raise QdoraError(f"--resume {resume}: not a qdora checkpoint folder (no trainer_state.pt)")
+    if not (path / TRAINER_STATE).is_file() and not any((path / name).is_file() for name in PICKLED):
+        raise QdoraError(f"--resume {resume}: not a qdora checkpoint folder (no {TRAINER_STATE})")
     return path
+
+
+# --- writing: each step of a checkpoint is one function (the crash tests stop a run at each of them) ---
+
+def _write_adapter(tmp: Path, spec: AdapterSpec, adapter_state: dict[str, torch.Tensor], base_model: str,
+                   provenance: dict | None) -> None:
+    save_adapter(None, tmp, spec, base_model=base_model, state=adapter_state, provenance=provenance)
+
+
+def _write_optimizer(tmp: Path, optimizer_state: dict) -> None:
+    """The optimizer state dict ({state: {name: {key: value}}, param_groups}) as safetensors + JSON."""
+    tensors, rest = {}, {}
+    for name, values in optimizer_state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"state/{name}/{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                rest.setdefault(name, {})[key] = value
+    save_file(tensors, str(tmp / OPTIMIZER_TENSORS), metadata={"format": "pt"})
+    meta = {"param_groups": optimizer_state["param_groups"], "state": rest}
+    (tmp / OPTIMIZER_REST).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def _write_trainer(tmp: Path, trainer_state: dict[str, Any]) -> None:
+    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+
+
+def _write_rng(tmp: Path, rank: int) -> None:
+    (tmp / rng_file(rank)).write_text(json.dumps(rng_state()) + "\n")
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def save_checkpoint(
@@ -86,18 +120,14 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        save_adapter(None, tmp, spec, base_model=base_model, state=adapter_state, provenance=provenance)
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save({**trainer_state, "step": step, "world_size": dist_.world_size}, tmp / "trainer_state.pt")
-        summary = {"step": step, "world_size": dist_.world_size, "data": trainer_state.get("data")}
-        (tmp / "trainer_state.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write_adapter(tmp, spec, adapter_state, base_model, provenance)
+        _write_optimizer(tmp, optimizer_state)
+        _write_trainer(tmp, {**trainer_state, "step": step, "world_size": dist_.world_size})
     dist_.barrier()
-    torch.save(rng_state(), tmp / f"rng_state_{dist_.rank}.pt")
+    _write_rng(tmp, dist_.rank)
     dist_.barrier()
     if dist_.main:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _publish(tmp, final)
         prune(out, keep)
     dist_.barrier()
     return final
@@ -111,13 +141,43 @@ def prune(output: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, dist_: Dist) -> dict[str, Any]:
-    """The trainer state, optimizer state and this rank's RNG state of a checkpoint (not applied yet)."""
+# --- reading: JSON and safetensors only ---
+
+def _read_json(path: Path) -> Any:
     try:
-        trainer = torch.load(path / "trainer_state.pt", weights_only=False)
-        optim = torch.load(path / "optimizer.pt", weights_only=False)
-    except (OSError, RuntimeError) as e:
-        raise QdoraError(f"cannot read checkpoint {path}: {e}") from e
-    rng_file = path / f"rng_state_{dist_.rank}.pt"
-    rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
-    return {"trainer": trainer, "optimizer": optim, "rng": rng}
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError as e:
+        raise QdoraError(f"checkpoint file {path} is missing") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QdoraError(f"checkpoint file {path} is not JSON (qdora reads no other format here; it never "
+                         f"unpickles): {e}") from e
+
+
+def _read_optimizer(path: Path) -> dict:
+    try:
+        tensors = load_file(str(path / OPTIMIZER_TENSORS))
+    except FileNotFoundError as e:
+        raise QdoraError(f"checkpoint file {path / OPTIMIZER_TENSORS} is missing") from e
+    except Exception as e:  # safetensors raises its own SafetensorError for anything not safetensors
+        raise QdoraError(f"checkpoint file {path / OPTIMIZER_TENSORS} is not a safetensors file: {e}") from e
+    meta = _read_json(path / OPTIMIZER_REST)
+    state: dict[str, dict[str, Any]] = {name: dict(values) for name, values in meta.get("state", {}).items()}
+    for key, tensor in tensors.items():
+        _, name, field = key.split("/", 2)
+        state.setdefault(name, {})[field] = tensor
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def load_checkpoint(path: Path, dist_: Dist) -> dict[str, Any]:
+    """Everything a checkpoint holds, read (not applied yet): adapter tensors, trainer, optimizer and this
+    rank's RNG state. Read before the run writes anything, so a damaged or foreign checkpoint is refused
+    with nothing written."""
+    if not (path / TRAINER_STATE).is_file() and any((path / name).is_file() for name in PICKLED):
+        raise QdoraError(f"checkpoint {path} was written with pickle files (qdora 0.1): qdora no longer reads "
+                         "pickles (loading one can run code); start a new run, or resume with the qdora "
+                         "version that wrote it")
+    trainer = _read_json(path / TRAINER_STATE)
+    optim = _read_optimizer(path)
+    rng_path = path / rng_file(dist_.rank)
+    rng = _read_json(rng_path) if rng_path.is_file() else None
+    return {"adapter": load_adapter_tensors(path), "trainer": trainer, "optimizer": optim, "rng": rng}

@@ -224,61 +224,21 @@ def autocast(device: torch.device, compute: torch.dtype, sharded: bool):
     return torch.autocast(device.type, dtype=compute)
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor (all-gathered under FSDP2; a collective: call on every rank in the same order)."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
-
-
-def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter as a full CPU tensor, by name (collective under FSDP2)."""
-    return {n: full_tensor(p).detach().to("cpu").clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> dict:
-    """Full (gathered, CPU) optimizer state keyed by parameter names: world-size independent."""
-    if not sharded:
-        return _named_optimizer_state(model, optimizer)
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The whole optimizer state on the CPU keyed by parameter names (torch's distributed state-dict API:
+    gathered under FSDP2, the same layout for any number of ranks; a collective, but only rank 0 gets the
+    state under FSDP2, the others an empty one)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, sharded: bool) -> None:
-    """Inverse of `optimizer_state` (every rank passes the full state; each keeps its shard)."""
-    if not sharded:
-        optimizer.load_state_dict(_indexed_optimizer_state(model, optimizer, state))
-        return
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of `optimizer_state`: every rank passes the whole state and keeps its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def _names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    by_id = {id(p): n for n, p in model.named_parameters()}
-    return [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
-
-
-def _named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """torch's optimizer state_dict with parameter indices replaced by names (the DCP layout)."""
-    sd = optimizer.state_dict()
-    names = _names(model, optimizer)
-    state = {names[i]: {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in s.items()}
-             for i, s in sd["state"].items()}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
-              for g in sd["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def _indexed_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, named: dict) -> dict:
-    names = _names(model, optimizer)
-    index = {n: i for i, n in enumerate(names)}
-    missing = [n for n in names if n not in named["state"]]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n in names if n not in state["state"]]
     if missing:
         raise QdoraError(f"the checkpoint's optimizer state lacks {missing[:2]}: it is from another model/config")
-    state = {index[n]: s for n, s in named["state"].items()}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
-              for g in named["param_groups"]]
-    return {"state": state, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

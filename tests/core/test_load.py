@@ -16,9 +16,7 @@ SPEC = AdapterSpec(r=4, alpha=8, adapter_dtype="float32")
 
 def reference(model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    adapt_model(model, SPEC)
-    for i, layer in enumerate(adapter_layers(model).values()):
-        layer.reset_adapter(seed=i)  # load_model(seed=0) seeds layer i with i
+    adapt_model(model, SPEC, seed=0)  # the same initial adapters as load_model(seed=0)
     return model
 
 

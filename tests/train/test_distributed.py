@@ -55,12 +55,12 @@ def test_two_ranks_match_one_process(tiny_llama_dir, tmp_path):
     worst = max((b[k] - a[k]).abs().max().item() for k in a)
     assert worst <= 2e-5, worst
     # the gathered optimizer state has the same layout (names) as the single-process one
-    oa = torch.load(tmp_path / "one" / "checkpoint-2" / "optimizer.pt")
-    ob = torch.load(two / "checkpoint-2" / "optimizer.pt")
-    assert oa["state"].keys() == ob["state"].keys()
-    name = next(iter(oa["state"]))
-    torch.testing.assert_close(ob["state"][name]["exp_avg"], oa["state"][name]["exp_avg"], rtol=1e-4, atol=1e-8)
-    assert (two / "checkpoint-2" / "rng_state_1.pt").is_file()
+    oa = load_file(str(tmp_path / "one" / "checkpoint-2" / "optimizer.safetensors"))
+    ob = load_file(str(two / "checkpoint-2" / "optimizer.safetensors"))
+    assert oa.keys() == ob.keys()
+    name = next(k for k in oa if k.endswith("/exp_avg"))
+    torch.testing.assert_close(ob[name], oa[name], rtol=1e-4, atol=1e-8)
+    assert (two / "checkpoint-2" / "rng_state_1.json").is_file()
 
     # resuming the sharded run from its checkpoint (every rank loads the full optimizer state, keeps its
     # shard) reproduces its steps 3 and 4 exactly

@@ -33,12 +33,14 @@ def test_cli_trains_alpaca_writes_outputs_and_keeps_last_checkpoints(tiny_llama_
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "adapter ready" in result.output
-    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "train_config.yaml"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "qdora_adapter.json", "metrics.jsonl",
+                 "train_config.yaml"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-8"]
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no temp folders left
     ckpt = out / "checkpoint-8"
-    for name in ("adapter_model.safetensors", "optimizer.pt", "trainer_state.pt", "rng_state_0.pt"):
+    for name in ("adapter_model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json",
+                 "rng_state_0.json", "qdora_adapter.json"):
         assert (ckpt / name).is_file(), name
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 13))

@@ -7,7 +7,7 @@ import torch
 
 from qdora.testing.family_cases import randomize_norms_and_biases
 from qdora.testing.tiny_models import TINY_FAMILIES, build_tiny_model
-from qdora.train.loop import CausalLMLoss
+from qdora.train.step import CausalLMLoss
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
