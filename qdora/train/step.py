@@ -7,7 +7,11 @@ batches and ranks (counted from the labels before the forward). FSDP2 divides gr
 in its reduce-scatter, so the loss is multiplied by the world size (gloo has no PREMUL_SUM for a custom
 divide factor). N ranks × micro_batch m thus train exactly like 1 process × N·m on the same rows.
 
-A non-finite loss stops before the optimizer step (the weights stay those of the last good step).
+After accumulation the gradients are clipped once to `--max-grad-norm` (their global norm, reduced over
+ranks by torch for FSDP2's DTensor shards, is returned and logged). A non-finite loss or gradient norm stops
+before the optimizer step (the weights stay those of the last good step); a loss spike (`SpikeGuard`:
+above `--spike-factor` × the median of the last good steps) warns or stops, naming the step and the last
+good checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from torch import nn
 
 from qdora.errors import QdoraError
 from qdora.train.distributed import activation_offload, autocast
-from qdora.train.loss import IGNORE_INDEX, LogitsTransform, chunked_cross_entropy
+from qdora.train.loss import IGNORE_INDEX, LogitsTransform
+from qdora.train.nf4_head_loss import lm_head_cross_entropy
+from qdora.train.optim import clip_gradients
 from qdora.train.state import RunState
 
 
@@ -38,7 +44,7 @@ class CausalLMLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.lm.model(input_ids=input_ids, use_cache=False, **kw).last_hidden_state
-        return chunked_cross_entropy(hidden, self.lm.lm_head.weight, labels, transform=self.transform)
+        return lm_head_cross_entropy(hidden, self.lm.lm_head, labels, transform=self.transform)
 
 
 @dataclass
@@ -46,6 +52,8 @@ class StepResult:
     loss: float  # token-weighted mean over the global batch
     lr: float  # the learning rate this step used
     input_tokens: int  # tokens read (padding excluded), all ranks: for tokens/s
+    grad_norm: float = 0.0  # global gradient norm before clipping (after accumulation, all ranks)
+    spike: str | None = None  # the warning, when this step's loss was a spike and --on-spike warn
 
 
 def count_tokens(batches: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
@@ -72,11 +80,26 @@ def train_step(s: RunState, batches: list[dict[str, torch.Tensor]]) -> StepResul
         (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
         loss_total += loss_sum.detach().double()
     loss = (d.all_reduce_sum(loss_total) / n_global).item()
+    where = f"the last good checkpoint is {s.last_checkpoint}" if s.last_checkpoint else \
+        "no checkpoint was written yet (use --save-every)"
     if not math.isfinite(loss):
-        where = f"the last good checkpoint is {s.last_checkpoint}" if s.last_checkpoint else \
-            "no checkpoint was written yet (use --save-every)"
         raise QdoraError(f"the loss became {loss} at step {s.step + 1}: training stopped before that "
                          f"update; {where}. Try a lower --lr (now {cfg.lr}) or --dtype bf16/fp32")
+    if s.scaler is not None:
+        s.scaler.unscale_(s.optimizer)  # clip true gradients (inf/nan ones make the scaler skip the step)
+    norm = clip_gradients(s.trainable, cfg.max_grad_norm).item()
+    if not math.isfinite(norm) and s.scaler is None:
+        raise QdoraError(f"the gradient norm became {norm} at step {s.step + 1} (loss {loss:.4g}): training "
+                         f"stopped before that update; {where}. Try a lower --lr (now {cfg.lr})")
+    spike = None
+    if s.spike.is_spike(loss):
+        spike = (f"loss spike at step {s.step + 1}: {loss:.4g} > {cfg.spike_factor:g} x the median "
+                 f"{s.spike.median():.4g} of the last {len(s.spike.history)} steps; {where}")
+        if cfg.on_spike == "stop":
+            raise QdoraError(f"{spike}. Training stopped before that update (--on-spike stop); lower --lr "
+                             f"(now {cfg.lr}) or --max-grad-norm (now {cfg.max_grad_norm:g})")
+    else:
+        s.spike.record(loss)
     lr = s.scheduler.get_last_lr()[0]
     if s.scaler is not None:
         s.scaler.step(s.optimizer)
@@ -86,7 +109,7 @@ def train_step(s: RunState, batches: list[dict[str, torch.Tensor]]) -> StepResul
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     s.step += 1
-    return StepResult(loss, lr, int(counts[1].item()))
+    return StepResult(loss, lr, int(counts[1].item()), norm, spike)
 
 
 def evaluate(s: RunState) -> float:
