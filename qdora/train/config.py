@@ -91,7 +91,7 @@ class TrainConfig:
     adapter_dtype: str = _opt("fp32", "Adapter weights, gradients and AdamW states: fp32 (master weights) or bf16 "
                                       "(half the memory; updates below bf16 resolution are lost).")
     optim: str = _opt("adamw", "Optimizer: adamw (torch; fused on CUDA), adamw8bit or paged_adamw8bit "
-                               "(bitsandbytes 8-bit states, one process; paged needs CUDA).")
+                               "(bitsandbytes 8-bit states, one process; paged pages only on CUDA).")
     max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this once per optimizer step, after "
                                      "accumulation (0 = off; the norm is logged either way).")
     spike_factor: float = _opt(0.0, "A loss above this many times the median of the last 20 good steps is a "
