@@ -4,7 +4,7 @@ The public Python API, one name per step of the pipeline (imported on first use,
 the CLI stay fast):
 
     prepare_data → load_model / adapt_model → qdora.train.train(TrainConfig) → save_adapter → merge_adapter
-    → export_gguf
+    → export_gguf   (or adapter → GGUF in one step: export_adapter_gguf)
     plan_memory (memory per GPU), run_analysis (weight-decomposition analysis)
 
 Everything else is internal and may change between versions.
@@ -34,6 +34,8 @@ _API = {
     # after training
     "merge_adapter": "qdora.export.merge",
     "export_gguf": "qdora.export.gguf_export",
+    "export_adapter_gguf": "qdora.export.adapter_gguf",
+    "WriteFailure": "qdora.io.failures",
     # tools
     "plan_memory": "qdora.tools.plan",
     "run_analysis": "qdora.tools.analyze",

@@ -61,8 +61,19 @@ def plan(model, revision, gpus, gpu_mem, seq_len, rank, micro_batch, method, off
 
 
 @main.command()
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=str),
+@click.option("--model", "model_dir", default=None, type=click.Path(path_type=str),
               help="Merged model folder (safetensors + config.json + tokenizer.json).")
+@click.option("--adapter", "adapter_dir", default=None, type=click.Path(path_type=str),
+              help="Or an adapter folder: merged onto its base on the way, one tensor at a time, without "
+                   "writing the merged checkpoint (same file as `qdora merge` then `qdora export --model`).")
+@click.option("--base-model", default=None, type=click.Path(path_type=str),
+              help="With --adapter: full-precision base, a folder or a Hub id [default: the adapter's "
+                   "base_model_name_or_path].")
+@click.option("--revision", default=None, help="With --adapter: Hub branch, tag or commit of --base-model.")
+@click.option("--base", "base_kind", default="dequantized", show_default=True, metavar=BASE.metavar,
+              help="With --adapter: as `qdora merge --base`.")
+@click.option("--dtype", default="bf16", show_default=True, metavar=DTYPE.metavar,
+              help="With --adapter: as `qdora merge --dtype` (the merged weights are rounded to it first).")
 @click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="GGUF file to write.")
 @click.option("--outtype", default="f16", show_default=True, metavar="f16|bf16|f32|q8_0",
@@ -70,13 +81,24 @@ def plan(model, revision, gpus, gpu_mem, seq_len, rank, micro_batch, method, off
 @click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile next to the GGUF.")
 @click.option("--quantize", multiple=True, metavar="TYPE",
               help="Also quantize with llama.cpp (e.g. Q4_K_M); repeatable. Needs llama-cpp-python.")
-def export(model_dir: str, output: str, outtype: str, modelfile: bool, quantize: tuple[str, ...]) -> None:
-    """Convert a merged checkpoint to GGUF for llama.cpp / Ollama."""
+def export(model_dir: str | None, adapter_dir: str | None, base_model: str | None, revision: str | None,
+           base_kind: str, dtype: str, output: str, outtype: str, modelfile: bool, quantize: tuple[str, ...]) -> None:
+    """Convert a merged checkpoint, or an adapter and its base in one step, to GGUF for llama.cpp / Ollama."""
+    from qdora.export.adapter_gguf import export_adapter_gguf
     from qdora.export.gguf_export import export_gguf
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)
-    path = export_gguf(model_dir, output, outtype=outtype.lower(), modelfile=modelfile, quantize=quantize)
+    if (model_dir is None) == (adapter_dir is None):
+        raise QdoraError("give exactly one of --model (a merged model folder) or --adapter (an adapter folder)")
+    common = {"outtype": outtype.lower(), "modelfile": modelfile, "quantize": quantize}
+    if adapter_dir is not None:
+        path = export_adapter_gguf(adapter_dir, output, base_model=base_model, base=base_kind, dtype=dtype,
+                                   revision=revision, **common)
+    else:
+        if base_model is not None or revision is not None:
+            raise QdoraError("--base-model and --revision go with --adapter; --model is already a merged model")
+        path = export_gguf(model_dir, output, **common)
     click.echo(f"GGUF ready: {path}")
 
 
@@ -138,6 +160,9 @@ def merge(adapter_dir: str, output: str, base_model: str | None, revision: str |
 
     res = merge_adapter(adapter_dir, output, base_model=base_model, dtype=dtype, base=base_kind,
                         shard_size=shard_size, overwrite=overwrite, revision=revision)
+    if res.prequantized_base:
+        click.echo("the base is a pre-quantized bitsandbytes NF4 checkpoint: merged onto its dequantized weights "
+                   "(the weights training saw; it holds no full-precision ones)")
     click.echo(f"merged {res.merged} adapted weights, dequantized {res.dequantized} frozen NF4 weights; "
                f"{res.total_bytes / 1e9:.2f} GB in {res.shards} shard(s) -> {res.output}")
 

@@ -37,7 +37,7 @@ OFFLOAD = Choice("offload", ("none", "activations", "params", "all"))
 DTYPE = Choice("dtype", ("bf16", "fp16", "fp32"))
 SCHEDULER = Choice("scheduler", ("cosine", "linear", "constant"))
 DATA_FORMAT = Choice("format", ("auto", "text", "alpaca", "chat"))
-REPORT_TO = Choice("report-to", ("none", "tensorboard"))
+REPORTERS = ("tensorboard", "wandb", "mlflow")  # --report-to: any of these, comma-separated, or none / all
 LOSS = Choice("loss", ("chunked", "full"))
 BASE = Choice("base", ("dequantized", "original"))  # the W an adapter is merged onto / compared against
 LM_HEAD = Choice("lm-head", ("dense", "nf4"))  # the frozen output layer: compute dtype, or NF4 (vocab-sliced loss)
@@ -49,6 +49,22 @@ ON_SPIKE = Choice("on-spike", ("warn", "stop"))
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 ADAPTER_DTYPE = Choice("adapter dtype", tuple(TORCH_DTYPE_NAMES.values()))
 TRAIN_ADAPTER_DTYPE = Choice("adapter-dtype", ("fp32", "bf16"))  # what `--adapter-dtype` accepts (short names)
+
+
+def report_to(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The trackers of `--report-to`: `none`, `all`, or names from REPORTERS separated by commas (a YAML
+    list works too); duplicates dropped, order kept."""
+    parts = value if isinstance(value, (list, tuple)) else str(value or "none").split(",")
+    names = [str(p).strip().lower() for p in parts if str(p).strip()]
+    if names in ([], ["none"]):
+        return ()
+    if names == ["all"]:
+        return REPORTERS
+    bad = [n for n in names if n not in REPORTERS]
+    if bad:
+        raise QdoraError(f"unknown report-to {bad[0]!r}: choose none, all, or any of {', '.join(REPORTERS)} "
+                         "separated by commas")
+    return tuple(dict.fromkeys(names))
 
 
 def torch_dtype(name: str):
@@ -73,13 +89,30 @@ def offloads_activations(offload: str) -> bool:
 # --- targets -------------------------------------------------------------------------------------------
 
 ALL_LINEAR = "all-linear"
-_LEAF_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+EXPERTS = "experts"  # MoE: both fused expert parameters; `experts.gate_up_proj` / `experts.down_proj`: one
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+_LEAF_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|all-linear|experts\.(?:gate_up_proj|down_proj)")
+
+
+def is_expert_path(path: str) -> bool:
+    """`<...>.experts.gate_up_proj` / `.down_proj`: a fused MoE expert parameter, not a linear."""
+    parts = path.rsplit(".", 2)
+    return len(parts) == 3 and parts[1] == EXPERTS and parts[2] in EXPERT_PARAMS
+
+
+def target_name_of(path: str) -> set[str]:
+    """The names that pick `path`: its leaf for a linear; `experts` and `experts.<param>` for experts."""
+    if is_expert_path(path):
+        return {EXPERTS, EXPERTS + "." + path.rsplit(".", 1)[-1]}
+    return {path.rsplit(".", 1)[-1]}
 
 
 @dataclass(frozen=True)
 class Target:
     """Which linears get an adapter: all of them, those with one of `names` as their last path part
-    (q_proj, ...), or those whose whole module path matches `pattern` (PEFT's meaning of a string)."""
+    (q_proj, ...), or those whose whole module path matches `pattern` (PEFT's meaning of a string).
+    MoE expert parameters are picked only by name (`experts`, `experts.<param>`) or by a pattern, never
+    by `all-linear` or a linear's leaf name (`down_proj` is the dense MLP's)."""
 
     names: tuple[str, ...] | None = None
     pattern: re.Pattern | None = None
@@ -89,8 +122,10 @@ class Target:
         if self.pattern is not None:
             return [p for p in paths if self.pattern.fullmatch(p)]
         if self.names is not None:
-            return [p for p in paths if p.rsplit(".", 1)[-1] in self.names]
-        return list(paths)
+            names = set(self.names)
+            return [p for p in paths if target_name_of(p) & names
+                    or (ALL_LINEAR in names and not is_expert_path(p))]
+        return [p for p in paths if not is_expert_path(p)]
 
 
 def parse_target(target: str | list[str] | tuple[str, ...]) -> Target:
@@ -119,10 +154,10 @@ def select_targets(target: str | list[str] | tuple[str, ...], paths: list[str], 
     """The paths `target` picks; an error if it picks none or one of its names matches nothing (a typo)."""
     parsed = parse_target(target)
     chosen = parsed.select(paths)
-    found = {p.rsplit(".", 1)[-1] for p in chosen}
+    found = {n for p in chosen for n in target_name_of(p)} | ({ALL_LINEAR} if chosen else set())
     missing = [n for n in parsed.names or () if n not in found]
     if not chosen or missing:
-        leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+        leaves = sorted({n for p in paths for n in target_name_of(p)})
         raise QdoraError(
             f"no module of {model_name} matches target {', '.join(missing) if missing else repr(target)}; the "
             f"linear modules in its decoder blocks are: {', '.join(leaves) if leaves else 'none'}"

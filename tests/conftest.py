@@ -60,7 +60,8 @@ def _mount(args: list[str]) -> bool:
 @pytest.fixture
 def small_disk(tmp_path):
     """`small_disk(nbytes)` -> a folder on a real tmpfs of that size: writes beyond it fail with ENOSPC, as
-    on a full disk. Needs root or passwordless sudo (CI has it); skipped where neither exists."""
+    on a full disk; `small_disk.resize(folder, nbytes)` grows it. Needs root or passwordless sudo (CI has
+    it); skipped where neither exists."""
     mounts: list[Path] = []
 
     def make(nbytes: int, name: str = "disk") -> Path:
@@ -72,9 +73,17 @@ def small_disk(tmp_path):
         mounts.append(path)
         return path
 
+    def resize(path: Path, nbytes: int) -> None:
+        """Give the disk more room (a user freeing space), keeping its files."""
+        assert _mount(["mount", "-o", f"remount,size={nbytes}", str(path)])
+
+    make.resize = resize
     yield make
+    import gc
+
+    gc.collect()  # a failed run's traceback may still hold a file open on the disk
     for path in mounts:
-        _mount(["umount", str(path)])
+        _mount(["umount", str(path)]) or _mount(["umount", "-l", str(path)])
 
 
 @pytest.fixture
@@ -87,7 +96,7 @@ def unwritable_dir(tmp_path):
         if not _mount(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)]):
             pytest.skip("cannot mount a read-only tmpfs")
         yield path, "read-only"
-        _mount(["umount", str(path)])
+        _mount(["umount", str(path)]) or _mount(["umount", "-l", str(path)])
     else:
         path.chmod(0o555)
         yield path, "permission denied"

@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from qdora.core.experts import ExpertsAdapter, NF4Experts
 from qdora.core.layer import NF4Linear, QDoRALinear
+from qdora.core.moe_families import EXPERT_PARAMS, MoEFamily, moe_family_of
 from qdora.core.nf4 import NF4Weight
 from qdora.errors import QdoraError
 from qdora.options import ADAPTER_DTYPE, ALL_LINEAR, METHOD, parse_target, select_targets, torch_dtype
@@ -87,15 +89,39 @@ def _block_prefix(model: nn.Module) -> str:
 
 
 def linear_names_in_blocks(model: nn.Module) -> list[str]:
-    """Paths of every linear (plain or already adapted) inside the decoder blocks."""
+    """Paths of every linear (plain or already adapted) inside the decoder blocks, except the MoE gates a
+    family keeps in full precision (Qwen2-MoE's shared_expert_gate)."""
     prefix = _block_prefix(model) + "."
+    family = moe_family_of(model)
+    keep = family.keep_linears if family is not None else ()
     return [n for n, m in model.named_modules()
-            if n.startswith(prefix) and isinstance(m, (nn.Linear, QDoRALinear, NF4Linear))]
+            if n.startswith(prefix) and isinstance(m, (nn.Linear, QDoRALinear, NF4Linear))
+            and n.rsplit(".", 1)[-1] not in keep]
+
+
+def experts_in_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """Paths of the fused experts modules (transformers' or already `NF4Experts`) of an MoE model."""
+    family = moe_family_of(model)
+    if family is None:
+        return {}
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, NF4Experts) or type(m).__name__ == family.experts_class}
+
+
+def expert_param_paths(model: nn.Module) -> list[str]:
+    """`<experts path>.gate_up_proj` and `.down_proj` for every experts module: what `--target` can name."""
+    return [f"{path}.{param}" for path in experts_in_blocks(model) for param in EXPERT_PARAMS]
+
+
+def targeted_expert_params(target: str | list[str], experts_path: str) -> list[str]:
+    """The fused parameters of the experts module at `experts_path` that `target` adapts."""
+    return [p.rsplit(".", 1)[-1] for p in parse_target(target).select([f"{experts_path}.{q}" for q in EXPERT_PARAMS])]
 
 
 def find_targets(model: nn.Module, target: str | list[str]) -> list[str]:
-    """Module paths to adapt, in the target grammar of `qdora.options.parse_target`."""
-    return select_targets(target, linear_names_in_blocks(model), type(model).__name__)
+    """Module paths to adapt, in the target grammar of `qdora.options.parse_target`: linears, and for MoE
+    models the fused expert parameters when `experts` / `experts.<param>` (or a regex) names them."""
+    return select_targets(target, linear_names_in_blocks(model) + expert_param_paths(model), type(model).__name__)
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -126,6 +152,18 @@ def make_frozen(linear: nn.Linear, spec: AdapterSpec, storage_dtype: torch.dtype
     return NF4Linear.from_linear(linear, spec.double_quant, storage_dtype)
 
 
+def make_experts(module: nn.Module, family: MoEFamily, spec: AdapterSpec, targets: set[str], path: str,
+                 storage_dtype: torch.dtype | None = None) -> NF4Experts:
+    """NF4 experts for transformers' fused experts module, with (uninitialised) adapters on the targeted
+    fused parameters: `adapt_model` inits them in module order."""
+    new = NF4Experts.from_experts(module, family, spec.double_quant, storage_dtype)
+    for param in EXPERT_PARAMS:
+        if f"{path}.{param}" in targets:
+            new.add_adapter(param, int(spec.r), float(spec.alpha), spec.method, spec.rslora,
+                            spec.torch_adapter_dtype, module.gate_up_proj.device)
+    return new
+
+
 def adapt_model(
     model: nn.Module, spec: AdapterSpec, storage_dtype: torch.dtype | None = None, seed: int = 0
 ) -> AdaptReport:
@@ -136,6 +174,12 @@ def adapt_model(
     with the same seed inits it."""
     report = AdaptReport()
     targets = set(find_targets(model, spec.target))
+    family = moe_family_of(model)
+    for path, module in experts_in_blocks(model).items():
+        if isinstance(module, NF4Experts):
+            raise QdoraError(f"{path} is already quantized/adapted")
+        set_submodule(model, path, make_experts(module, family, spec, targets, path, storage_dtype))
+        report.adapted += [f"{path}.{p}" for p in EXPERT_PARAMS if f"{path}.{p}" in targets]
     for path in linear_names_in_blocks(model):
         module = model.get_submodule(path)
         if not isinstance(module, nn.Linear):
@@ -147,6 +191,10 @@ def adapt_model(
         else:
             set_submodule(model, path, make_frozen(module, spec, storage_dtype))
         del module
+    if family is not None and next(model.parameters()).device.type != "meta":
+        # experts were adapted first: init every adapter by its index in module order, as load_model does
+        for i, layer in enumerate(adapter_layers(model).values()):
+            layer.reset_adapter(layer_seed(seed, i))
     freeze_base(model)
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.total_params = count_parameters(model)
@@ -162,9 +210,11 @@ def freeze_base(model: nn.Module) -> None:
             p.requires_grad_(True)
 
 
-def adapter_layers(model: nn.Module) -> dict[str, QDoRALinear]:
-    """Every QDoRA layer of the model by module path."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, QDoRALinear)}
+def adapter_layers(model: nn.Module) -> dict[str, QDoRALinear | ExpertsAdapter]:
+    """Every adapter of the model by module path: QDoRA linears and expert adapters (`...experts.gate_up_proj`).
+
+    Both have `lora_A`, `lora_B`, `magnitude` (or None) and `adapter_parameters()`."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QDoRALinear, ExpertsAdapter))}
 
 
 def count_parameters(model: nn.Module) -> int:

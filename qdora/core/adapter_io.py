@@ -21,7 +21,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qdora.core.adapt import ALL_LINEAR, AdapterSpec, adapt_model, adapter_layers
+from qdora.core.adapt import ALL_LINEAR, AdapterSpec, adapt_model, adapter_layers, targeted_expert_params
+from qdora.core.expert_adapter_io import PEFT_EXPERT_KEY as EXPERT_KEY
+from qdora.core.expert_adapter_io import (
+    expert_peft_keys,
+    from_peft_layout,
+    parse_expert_key,
+    split_expert_path,
+    target_parameters,
+    to_peft_layout,
+)
 from qdora.core.layer import ADAPTER_ATTRS
 from qdora.core.nf4 import BLOCKSIZE
 from qdora.core.shards import fill_param, whole
@@ -44,14 +53,31 @@ def peft_key(path: str, attr: str) -> str:
     return PREFIX + path + _ATTR_TO_SUFFIX[attr]
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors under PEFT's key names, whole, on the CPU (a gather under FSDP2: every rank calls
-    it)."""
+def peft_state(tensors: dict[tuple[str, str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """(module path, attr) -> tensor, as qdora holds them, to PEFT's keys and layouts (experts included)."""
+    expert_keys = expert_peft_keys([k for k in tensors if split_expert_path(k[0])])
     state = {}
+    for (path, attr), t in tensors.items():
+        if (path, attr) in expert_keys:
+            state[PREFIX + expert_keys[(path, attr)]] = to_peft_layout(attr, t)
+        else:
+            state[peft_key(path, attr)] = t.contiguous()
+    return state
+
+
+def peft_state_from_params(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Trainable parameter names (`model.layers.0.self_attn.q_proj.lora_A`) -> PEFT keys and layouts."""
+    return peft_state({tuple(name.rsplit(".", 1)): t for name, t in named.items()})
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT's key names and layouts, whole, on the CPU (a gather under FSDP2: every
+    rank calls it)."""
+    tensors = {}
     for path, layer in adapter_layers(model).items():
         for attr, p in layer.adapter_tensors().items():
-            state[peft_key(path, attr)] = whole(p).to("cpu").clone().contiguous()
-    return state
+            tensors[(path, attr)] = whole(p).to("cpu").clone()
+    return peft_state(tensors)
 
 
 def _module_path(key: str) -> str:
@@ -63,13 +89,15 @@ def _module_path(key: str) -> str:
 
 
 def peft_config_dict(spec: AdapterSpec, target_names: list[str], base_model: str | None,
-                     provenance: dict | None = None) -> dict:
+                     provenance: dict | None = None, expert_params: list[str] | None = None) -> dict:
     """The adapter_config.json PEFT expects (only fields we set; PEFT fills its defaults).
 
     `provenance` ({"model": {"name", "revision"}, "data": ...}) is what the run was trained on: the base
     model's Hub commit goes into PEFT's own `revision` field (PeftModel.from_pretrained then loads that
     commit of the base), the whole record into qdora's own `qdora_adapter.json` (`qdora_record`).
+    `expert_params` are PEFT's `target_parameters` (fused MoE expert weights).
     """
+    extra = {"target_parameters": expert_params} if expert_params else {}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -81,6 +109,7 @@ def peft_config_dict(spec: AdapterSpec, target_names: list[str], base_model: str
         "use_rslora": bool(spec.rslora),
         "use_dora": spec.method == "dora",
         "target_modules": sorted(target_names),
+        **extra,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -111,8 +140,10 @@ def save_adapter(
     state = adapter_state_dict(model) if state is None else state
     if not state:
         raise QdoraError("the model has no QDoRA layers: nothing to save")
-    targets = sorted({_module_path(k).rsplit(".", 1)[-1] for k in state})
-    config = peft_config_dict(spec, targets, base_model, provenance)
+    experts = {m.group("experts") for k in state if (m := EXPERT_KEY.match(k[len(PREFIX):]))}
+    targets = sorted({_module_path(k).rsplit(".", 1)[-1] for k in state if not EXPERT_KEY.match(k[len(PREFIX):])})
+    expert_paths = [f"{e}.{p}" for e in experts for p in targeted_expert_params(spec.target, e)]
+    config = peft_config_dict(spec, targets, base_model, provenance, target_parameters(expert_paths))
     atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     record = qdora_record(spec, provenance)
@@ -137,6 +168,12 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[AdapterSpec, dict]:
     if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
         raise QdoraError(f"{path}: trained biases / modules_to_save are not supported")
     targets = cfg.get("target_modules") or ALL_LINEAR
+    params = [p.rpartition(".")[2] for p in cfg.get("target_parameters") or []]
+    if params:
+        if isinstance(targets, str) and targets != ALL_LINEAR:
+            raise QdoraError(f"{path}: a regex target_modules with target_parameters is not supported")
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        targets += sorted({f"experts.{p}" for p in params})
     own = _read_qdora_record(Path(adapter_dir)) or cfg.get("qdora", {})  # the key: adapters of qdora <= 0.1
     spec = AdapterSpec(
         method="dora" if cfg.get("use_dora") else "lora",
@@ -164,8 +201,12 @@ def _read_qdora_record(adapter_dir: Path) -> dict:
     return record
 
 
-def load_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The adapter tensors keyed by (module path, attribute), from PEFT-format safetensors."""
+def load_adapter_tensors(adapter_dir: str | Path) -> dict[tuple[str, str], torch.Tensor]:
+    """The adapter tensors keyed by (module path, attribute), from PEFT-format safetensors (expert tensors
+    in qdora's [E, ...] layout)."""
+    cfg_path = Path(adapter_dir) / CONFIG_NAME
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    expert_params = [p.rpartition(".")[2] for p in cfg.get("target_parameters") or []]
     path = Path(adapter_dir) / WEIGHTS_NAME
     if not path.is_file():
         if (Path(adapter_dir) / "adapter_model.bin").is_file():
@@ -183,6 +224,10 @@ def load_adapter_tensors(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
         if not key.startswith(PREFIX):
             raise QdoraError(f"unexpected adapter key {key!r} (expected the prefix {PREFIX!r})")
         body = key[len(PREFIX):].replace(".default.", ".")  # older PEFT kept the adapter name
+        expert = parse_expert_key(body, expert_params)
+        if expert is not None:
+            out[expert] = from_peft_layout(expert[1], tensor, int(cfg["r"]))
+            continue
         for suffix, attr in _SUFFIX_TO_ATTR.items():
             if body.endswith(suffix):
                 out[(body[: -len(suffix)], attr)] = tensor

@@ -114,7 +114,16 @@ register(Family("llama", "Llama 2/3/3.1/3.2", gguf_arch="llama", chat_formats=("
 register(Family("mistral", "Mistral 7B / Nemo / Small 3", gguf_arch="llama", chat_formats=("inst", "tekken")))
 register(Family("qwen2", "Qwen2/2.5", gguf_arch="qwen2", chat_formats=("chatml",)))
 register(Family("qwen3", "Qwen3 (dense)", gguf_arch="qwen3", chat_formats=("chatml",)))
-_NOT_YET = "its GGUF export is not verified against llama.cpp yet"
-register(Family("gemma2", "Gemma 2", missing=_NOT_YET))
-register(Family("gemma3_text", "Gemma 3 (text)", missing=_NOT_YET))
-register(Family("phi3", "Phi-3 / Phi-3.5 / Phi-4-mini", missing=_NOT_YET))
+register(Family("gemma2", "Gemma 2", gguf_arch="gemma2", chat_formats=("gemma",)))
+register(Family("gemma3_text", "Gemma 3 (text)", gguf_arch="gemma3", chat_formats=("gemma",)))
+register(Family("phi3", "Phi-3 / Phi-3.5 / Phi-4-mini", gguf_arch="phi3", chat_formats=("phi3",)))
+# The image-text Gemma 3 checkpoints nest the text tower (`model.language_model.*`) beside a vision tower
+# and projector; qdora's loader, merge and export read a plain causal LM, so they are refused by name.
+register(Family(
+    "gemma3", "Gemma 3 image-text (Gemma3ForConditionalGeneration)", train=False, merge=False,
+    missing="qdora reads plain causal LMs; this checkpoint nests the text model beside a vision tower. Use a "
+            "text-only gemma3_text checkpoint (Gemma 3 1B, or the language model saved on its own)",
+))
+
+# Mixture-of-experts families register themselves where they are implemented (torch-free module).
+import qdora.core.moe_families  # noqa: E402, F401

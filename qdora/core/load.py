@@ -31,7 +31,9 @@ from torch import nn
 from qdora.core.adapt import AdapterSpec, AdaptReport, adapt_model, adapter_layers, layer_seed
 from qdora.core.host_embedding import HostEmbedding
 from qdora.core.layer import NF4Linear, QDoRALinear
+from qdora.core.moe_families import moe_family_of
 from qdora.core.nf4 import NF4Weight, nf4_from_weight
+from qdora.core.prequantized import bnb_format, companion_of, fill_prequantized, quantized_weights, read_parts
 from qdora.core.shards import fill_param, whole
 from qdora.errors import QdoraError
 from qdora.io.weights import WeightReader
@@ -157,9 +159,15 @@ def load_model(
 
     Adapter parameters keep `spec.adapter_dtype`; other float tensors are loaded in `compute_dtype`. Raises
     QdoraError for missing files, unknown/missing tensors, bad shapes. (To shard with FSDP2: build the meta
-    model with `build_meta_model`, shard it, then `load_weights`.)
+    model with `build_meta_model`, shard it, then `load_weights`.) A checkpoint saved pre-quantized by
+    bitsandbytes (NF4) is read as it is (`qdora.core.prequantized`): its bytes become the NF4 storage
+    unchanged; `spec.double_quant` must be the checkpoint's (`base_double_quant`).
     """
     open_checkpoint(model_dir)  # a folder that is no model: this clear message, before building anything
+    bnb = bnb_format(model_dir)
+    if bnb is not None and bnb.double_quant != spec.double_quant:
+        raise QdoraError(f"{model_dir} is NF4 {'with' if bnb.double_quant else 'without'} double quantization: "
+                         f"load it with AdapterSpec(double_quant={bnb.double_quant}) (see base_double_quant)")
     model, report = build_meta_model(model_dir, spec, compute_dtype)
     load_weights(model, model_dir, device, seed)
     return model, report
@@ -170,6 +178,8 @@ def load_weights(model: nn.Module, model_dir: str | Path, device: torch.device |
     `device` from `model_dir`'s safetensors, then init its adapters as `adapt_model(..., seed)` would."""
     device = torch.device(device)
     reader = open_checkpoint(model_dir)
+    bnb = bnb_format(model_dir)
+    quantized = quantized_weights(reader.keys()) if bnb is not None else set()
     model.to_empty(device=device)
     _rebuild_buffers(model, device)
 
@@ -180,12 +190,29 @@ def load_weights(model: nn.Module, model_dir: str | Path, device: torch.device |
     unknown: list[str] = []
     embed_key = None
     host_embedding = next((m for m in modules.values() if isinstance(m, HostEmbedding)), None)
-    for name, read in iter_checkpoint(reader):
+    family = moe_family_of(model)
+    for ckpt_name, read in iter_checkpoint(reader):
+        name = family.to_model(ckpt_name) if family is not None else ckpt_name
         owner, _, leaf = name.rpartition(".")
         module = modules.get(owner)
-        if isinstance(module, HostEmbedding) and leaf == "weight":
+        if companion_of(ckpt_name) in quantized:  # read with its weight
+            continue
+        if ckpt_name in quantized:  # pre-quantized bitsandbytes NF4: the bytes as they are
+            parts = read_parts(reader, ckpt_name)
+            if isinstance(module, (QDoRALinear, NF4Linear)):
+                fill_prequantized(module.base, parts, device)
+                loaded.update(f"{owner}.base.{p}" for p in ("packed", "absmax"))
+            elif name in params:  # a linear qdora keeps in full precision: its dequantized weight
+                fill_param(params[name], parts.dequantize(torch.float32, device))
+                loaded.add(name)
+            else:
+                unknown.append(name)
+        elif isinstance(module, HostEmbedding) and leaf == "weight":  # the input embedding kept on the host
             module.set_table(read())
             loaded.add(name)
+        elif isinstance(module, NF4Weight) and leaf == "weight":  # one expert's projection (NF4Experts)
+            fill_nf4(module, read(), device)
+            loaded.update(f"{owner}.{p}" for p in ("packed", "absmax"))
         elif isinstance(module, (QDoRALinear, NF4Linear)) and leaf == "weight":
             fill_nf4(module.base, read(), device)
             loaded.update(f"{owner}.base.{p}" for p in ("packed", "absmax"))
@@ -201,7 +228,7 @@ def load_weights(model: nn.Module, model_dir: str | Path, device: torch.device |
             fill_param(buffers[name], read())
             loaded.add(name)
         else:
-            unknown.append(name)
+            unknown.append(ckpt_name)
     if unknown:
         log.warning("ignored %d checkpoint tensors the model does not have (e.g. %s)", len(unknown), unknown[0])
     head = getattr(model, "lm_head", None)

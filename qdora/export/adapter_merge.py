@@ -14,11 +14,13 @@ from pathlib import Path
 
 import torch
 
-from qdora.core.adapt import AdapterSpec, find_targets, linear_names_in_blocks
+from qdora.core.adapt import AdapterSpec, experts_in_blocks, find_targets, linear_names_in_blocks
 from qdora.core.adapter_io import load_adapter_tensors, read_adapter_config
 from qdora.core.layer import ADAPTER_ATTRS, adapter_scale, adapter_shapes, merge_weight
 from qdora.core.load import meta_model
+from qdora.core.moe_families import moe_family_of
 from qdora.core.nf4 import nf4_from_weight
+from qdora.core.prequantized import bnb_format, companion_of, logical_shape, quantized_weights, read_parts
 from qdora.errors import QdoraError
 from qdora.io.weights import WeightReader, is_model_dir
 
@@ -26,6 +28,24 @@ from qdora.io.weights import WeightReader, is_model_dir
 def block_linear_keys(model_dir: Path) -> list[str]:
     """Checkpoint keys (`<path>.weight`) of every linear inside the decoder blocks."""
     return [p + ".weight" for p in linear_names_in_blocks(meta_model(model_dir))]
+
+
+def expert_keys(model: torch.nn.Module) -> dict[str, tuple[str, int, slice]]:
+    """Per-expert checkpoint keys of an MoE (meta) model -> (fused adapter path, expert, its rows in it).
+
+    `model.layers.0.mlp.experts.3.up_proj.weight` -> (`model.layers.0.mlp.experts.gate_up_proj`, 3,
+    rows I..2I); Mixtral's keys keep their checkpoint spelling (`block_sparse_moe.experts.3.w3.weight`)."""
+    family = moe_family_of(model)
+    out: dict[str, tuple[str, int, slice]] = {}
+    for path, module in experts_in_blocks(model).items():
+        num, two_i, _ = module.gate_up_proj.shape
+        inter = two_i // 2
+        for e in range(num):
+            for param, names in family.parts.items():
+                for i, name in enumerate(names):
+                    rows = slice(i * inter, (i + 1) * inter) if len(names) > 1 else slice(None)
+                    out[family.to_checkpoint(f"{path}.{e}.{name}.weight")] = (f"{path}.{param}", e, rows)
+    return out
 
 
 def resolve_base_dir(base_model: str | Path | None, adapter_cfg: dict, what: str = "adapter",
@@ -60,6 +80,8 @@ class AdapterMerge:
     scale: float
     reader: WeightReader
     linear_keys: set[str] = field(default_factory=set)
+    # weights the base checkpoint holds pre-quantized (bitsandbytes NF4): no full-precision copy exists
+    prequantized: set[str] = field(default_factory=set)
     # weight key -> (A, B, magnitude or None), all small
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
@@ -76,28 +98,35 @@ class AdapterMerge:
             check_base(base_dir)
         reader = WeightReader(base_dir)
         model = meta_model(base_dir)
-        linears = {p + ".weight" for p in linear_names_in_blocks(model)}
+        experts = expert_keys(model)
+        linears = {p + ".weight" for p in linear_names_in_blocks(model)} | set(experts)
         targets = find_targets(model, spec.target)
         tensors = load_adapter_tensors(adapter_dir)
         plan = cls(adapter_dir, base_dir, spec, adapter_scale(spec.r, spec.alpha, spec.rslora), reader, linears)
-        plan._attach(tensors, targets)
+        if bnb_format(base_dir) is not None:
+            plan.prequantized = quantized_weights(reader.keys())
+        plan._attach(tensors, targets, experts)
         missing = sorted(k for k in linears if k not in reader)
         if missing:
             raise QdoraError(f"{base_dir} lacks weights its config implies, e.g. {missing[0]}")
         return plan
 
-    def _attach(self, tensors: dict, targets: list[str]) -> None:
-        """Group the adapter tensors by weight and check them against the base's shapes."""
+    def _attach(self, tensors: dict, targets: list[str], experts: dict[str, tuple[str, int, slice]]) -> None:
+        """Group the adapter tensors by weight and check them against the base's shapes; an expert
+        adapter ([E, ...] tensors of a fused parameter) is split into its per-expert checkpoint tensors."""
         paths = {p for p, _ in tensors}
         unknown = sorted(paths - set(targets))
         if unknown:
             raise QdoraError(f"adapter {self.adapter_dir} does not fit {self.base_dir}: "
                              f"no such target module {unknown[0]!r}")
         for path in targets:
+            if any(p == path for p, _, _ in experts.values()):
+                self._attach_experts(path, tensors, experts)
+                continue
             key = path + ".weight"
             if key not in self.reader:
                 raise QdoraError(f"{self.base_dir} has no tensor {key} that the adapter targets")
-            out, inn = self.reader.shape(key)
+            out, inn = self.shape(key)
             want = adapter_shapes(inn, out, self.spec.r, self.spec.method)
             for name, shape in want.items():
                 t = tensors.get((path, name))
@@ -109,8 +138,59 @@ class AdapterMerge:
             a, b, m = (tensors.get((path, name)) if name in want else None for name in ADAPTER_ATTRS)
             self.adapters[key] = (a, b, m)
 
+    def _attach_experts(self, path: str, tensors: dict, experts: dict[str, tuple[str, int, slice]]) -> None:
+        keys = {k: v for k, v in experts.items() if v[0] == path}
+        num = 1 + max(e for _, e, _ in keys.values())
+        out = sum(self.reader.shape(k)[0] for k, (_, e, _) in keys.items() if e == 0)
+        inn = self.reader.shape(next(iter(keys)))[1]
+        want = {name: (num, *shape) for name, shape in adapter_shapes(inn, out, self.spec.r, self.spec.method).items()}
+        for name, shape in want.items():
+            t = tensors.get((path, name))
+            if t is None:
+                raise QdoraError(f"adapter {self.adapter_dir} does not fit {self.base_dir}: {path} has no {name}")
+            if tuple(t.shape) != shape:
+                raise QdoraError(f"adapter {self.adapter_dir} does not fit {self.base_dir}: {path}.{name} "
+                                 f"has shape {tuple(t.shape)}, the base needs {shape}")
+        a, b, m = (tensors.get((path, name)) if name in want else None for name in ADAPTER_ATTRS)
+        for key, (_, e, rows) in keys.items():  # DoRA's norm is per row: each part merges on its own
+            self.adapters[key] = (a[e], b[e][rows], None if m is None else m[e][rows])
+
+    def check_base_kind(self, base: str) -> None:
+        """`original` needs full-precision weights, which a pre-quantized base does not have."""
+        if base == "original" and self.prequantized:
+            raise QdoraError(f"the base {self.base_dir} is a pre-quantized bitsandbytes NF4 checkpoint: it holds no "
+                             "full-precision weights, so --base original is impossible; the dequantized base "
+                             "(the default, the weights training saw) is the only one")
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape as the model sees it ([out, in] for a pre-quantized weight, not its packed bytes)."""
+        return logical_shape(self.reader, key) if key in self.prequantized else self.reader.shape(key)
+
+    def weight(self, key: str) -> torch.Tensor:
+        """One base tensor as the model sees it: a pre-quantized weight dequantized (fp32), else as stored."""
+        if key in self.prequantized:
+            return read_parts(self.reader, key).dequantize(torch.float32)
+        return self.reader.get(key)
+
+    def tensors(self):
+        """(name, tensor) of the base in file order, one at a time: quant-state companions folded into their
+        (dequantized) weight."""
+        for key in self.reader.keys():  # noqa: SIM118 (file order; the reader is not iterable)
+            if companion_of(key) not in self.prequantized:
+                yield key, self.weight(key)
+
+    def headers(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, safetensors dtype) of the tensors `tensors()` yields, from the headers only."""
+        heads = self.reader.headers()
+        return {k: ((logical_shape(self.reader, k), "F32") if k in self.prequantized else h)
+                for k, h in heads.items() if companion_of(k) not in self.prequantized}
+
     def base_weight(self, key: str, w: torch.Tensor, base: str = "dequantized") -> torch.Tensor:
-        """fp32 W: the NF4 round trip training saw (dequantized) or the checkpoint's own (original)."""
+        """fp32 W: the NF4 round trip training saw (dequantized) or the checkpoint's own (original).
+        A pre-quantized weight (`w` from `weight`) is already that round trip."""
+        if key in self.prequantized:
+            self.check_base_kind(base)
+            return w.float()
         if base == "original":
             return w.float()
         return nf4_from_weight(w.float(), double_quant=self.spec.double_quant).dequantize(torch.float32)

@@ -53,7 +53,7 @@ class ArchRules:
 
 
 ARCH_RULES: dict[str, ArchRules] = {
-    "llama": ArchRules(gguf.MODEL_ARCH.LLAMA, permute_qk=True, rope_types=("default", "llama3", "linear", "yarn"),
+    "llama": ArchRules(gguf.MODEL_ARCH.LLAMA, permute_qk=True, rope_types=("default", "llama3", "linear"),
                        tensors=gguf_rope.llama3_tensors),
     "qwen2": ArchRules(gguf.MODEL_ARCH.QWEN2),
     "qwen3": ArchRules(gguf.MODEL_ARCH.QWEN3, write_head_dim=True, check=_no_attention_bias),

@@ -60,7 +60,7 @@ def check_model_dir(model_dir: Path) -> None:
     if (model_dir / "adapter_config.json").is_file():
         raise QdoraError(
             f"{model_dir} holds an adapter (adapter_config.json), not a merged model: "
-            "run `qdora merge` first and export the merged folder"
+            f"export it with --adapter {model_dir} (merges on the way), or run `qdora merge` first"
         )
     if not (model_dir / "config.json").is_file():
         raise QdoraError(f"{model_dir} is not a Hugging Face model folder: it has no config.json")
@@ -119,6 +119,8 @@ def read_spec(model_dir: Path) -> ModelSpec:
         cfg=cfg,
         rope_dim=int(head_dim * partial),
     )
+    if rope["rope_type"] == "yarn":
+        check_yarn(spec)
     rules.check(spec)
     return spec
 
@@ -164,15 +166,32 @@ def write_hparams(writer: gguf.GGUFWriter, spec: ModelSpec, file_type: gguf.Llam
     elif rope_type == "yarn":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(spec.rope["factor"]))
-        writer.add_rope_scaling_orig_ctx_len(int(yarn_original_context(spec)))
+        writer.add_rope_scaling_orig_ctx_len(yarn_original_context(spec))
+        if spec.rope.get("beta_fast"):
+            writer.add_rope_scaling_yarn_beta_fast(float(spec.rope["beta_fast"]))
+        if spec.rope.get("beta_slow"):
+            writer.add_rope_scaling_yarn_beta_slow(float(spec.rope["beta_slow"]))
     spec.rules.hparams(writer, spec)
 
 
 def yarn_original_context(spec: ModelSpec) -> int:
-    """YaRN's original context: from the rope settings, else max_position_embeddings / factor (as HF)."""
+    """YaRN's original context as transformers resolves it: a top-level `original_max_position_embeddings`
+    first, then the rope settings', then `max_position_embeddings`."""
+    for value in (spec.cfg.get("original_max_position_embeddings"),
+                  spec.rope.get("original_max_position_embeddings")):
+        if value:
+            return int(value)
+    return int(spec.n_ctx_train)
+
+
+def check_yarn(spec: ModelSpec) -> None:
+    """YaRN as llama.cpp computes it: attention factor 0.1·ln(factor) + 1, truncated correction range."""
     rope = spec.rope
-    if rope.get("original_max_position_embeddings"):
-        return int(rope["original_max_position_embeddings"])
-    if spec.cfg.get("original_max_position_embeddings"):
-        return int(spec.cfg["original_max_position_embeddings"])
-    return int(spec.n_ctx_train / float(rope["factor"]))
+    if rope.get("factor") is None:
+        raise QdoraError("yarn rope scaling without a factor is not supported for export")
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+        if rope.get(key) is not None:
+            raise QdoraError(f"yarn with {key}={rope[key]} is not supported for export: llama.cpp derives the "
+                             "attention factor from the scaling factor alone")
+    if rope.get("truncate") is False:
+        raise QdoraError("yarn with truncate=false is not supported for export (llama.cpp truncates)")

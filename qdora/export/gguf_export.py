@@ -8,6 +8,7 @@ Before writing, the output folder must be writable and hold the GGUF and every r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -18,7 +19,15 @@ import gguf
 from qdora.errors import QdoraError, doing
 from qdora.export.gguf_config import ModelSpec, read_spec, write_hparams
 from qdora.export.gguf_size import gguf_bytes, quantized_bytes
-from qdora.export.gguf_tensors import OUTTYPES, TensorPlan, add_tensor_infos, plan_tensors, write_tensor_data
+from qdora.export.gguf_tensors import (
+    OUTTYPES,
+    TensorPlan,
+    TensorSource,
+    add_tensor_infos,
+    plan_tensors,
+    safetensors_source,
+    write_tensor_data,
+)
 from qdora.export.gguf_tokenizer import VocabInfo, read_vocab, write_vocab
 from qdora.export.llamacpp_quantize import llama_ftype, quantize_gguf, quantized_path
 from qdora.export.modelfile import chat_format, write_modelfile
@@ -35,12 +44,17 @@ def export_gguf(
     outtype: str = "f16",
     modelfile: bool = False,
     quantize: str | Sequence[str] | None = None,
+    *,
+    name: str | None = None,
+    source: TensorSource = safetensors_source,
 ) -> Path:
     """Write `output_path` (GGUF, weights in `outtype`: f16, bf16, f32 or q8_0) from a merged model.
 
     `quantize` (e.g. "Q4_K_M", or several) additionally runs llama.cpp's quantizer on the result,
     writing `<stem>.<TYPE>.gguf` next to it. `modelfile` writes an Ollama `Modelfile` beside the
     files. Returns the GGUF a user would run: the first quantized file if any, else `output_path`.
+    `name` (general.name, default the folder's name) and `source` (where tensor data comes from,
+    default the folder's safetensors) let `export_adapter_gguf` feed merged weights in a stream.
     """
     model_dir, output_path, outtype = Path(model_dir), Path(output_path), outtype.lower()
     if outtype not in OUTTYPES:
@@ -51,6 +65,8 @@ def export_gguf(
     if not output_path.parent.is_dir():
         raise QdoraError(f"output folder {output_path.parent} does not exist")
     spec = read_spec(model_dir)
+    if name is not None:
+        spec = dataclasses.replace(spec, name=name)
     config_ids = _config_special_ids(model_dir)
     vocab = read_vocab(model_dir, spec.vocab_rows, config_ids)
     if modelfile:
@@ -62,7 +78,7 @@ def export_gguf(
     check_output(output_path, size + sum(sizes.values()), what)
 
     with writing(output_path, "the GGUF file", size), doing(f"writing {output_path}"):
-        _write_atomically(output_path, spec, vocab, plans, outtype)
+        _write_atomically(output_path, spec, vocab, plans, outtype, source)
     log.info("wrote %s", output_path)
     final = output_path
     for i, qtype in enumerate(qtypes):
@@ -89,7 +105,8 @@ def _config_special_ids(model_dir: Path) -> dict[str, int | None]:
 
 
 def _write_atomically(
-    output_path: Path, spec: ModelSpec, vocab: VocabInfo, plans: list[TensorPlan], outtype: str
+    output_path: Path, spec: ModelSpec, vocab: VocabInfo, plans: list[TensorPlan], outtype: str,
+    source: TensorSource,
 ) -> None:
     """Header, metadata, tensor table, then tensor data streamed one at a time, into a temp file."""
 
@@ -102,7 +119,7 @@ def _write_atomically(
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            write_tensor_data(writer, plans)
+            write_tensor_data(writer, plans, source=source)
         finally:
             writer.close()
 

@@ -9,8 +9,10 @@ matrix), never the model.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -143,8 +145,22 @@ def _row_ranges(p: TensorPlan, chunk_bytes: int) -> list[slice]:
     return [slice(i, min(i + step, p.shape[0])) for i in range(0, p.shape[0], step)]
 
 
+# Where a tensor's data comes from: given its plan (and an ExitStack for whatever must be closed after the
+# tensor), something sliceable by rows that yields torch tensors. By default the checkpoint's safetensors
+# file; a one-step adapter export hands out merged weights instead (qdora.export.adapter_gguf).
+TensorSource = Callable[[TensorPlan, contextlib.ExitStack], Any]
+
+
+def safetensors_source(p: TensorPlan, stack: contextlib.ExitStack) -> Any:
+    """A lazy slice of the tensor in its safetensors file. A fresh mapping per tensor: closing it lets the
+    pages already read go, so resident memory does not grow with the checkpoint."""
+    assert p.file is not None and p.source is not None
+    return stack.enter_context(safe_open(p.file, framework="pt")).get_slice(p.source)
+
+
 def write_tensor_data(
-    writer: gguf.GGUFWriter, plans: list[TensorPlan], chunk_bytes: int | None = None
+    writer: gguf.GGUFWriter, plans: list[TensorPlan], chunk_bytes: int | None = None,
+    source: TensorSource = safetensors_source,
 ) -> None:
     """Stream the tensors into the file in the order `add_tensor_infos` declared them, converting a block
     of rows at a time (a 128k x 8k embedding is 4 GiB in float32; a block is CHUNK_BYTES)."""
@@ -154,15 +170,10 @@ def write_tensor_data(
     for p in plans:
         writer.write_padding(fout, fout.tell())  # each tensor starts aligned, as GGUFWriter does
         written = 0
-        # A fresh mapping per tensor: closing it lets the pages already read go, so resident memory
-        # does not grow with the checkpoint.
         with contextlib.ExitStack() as stack:
-            source = None
-            if p.data is None:
-                assert p.file is not None and p.source is not None
-                source = stack.enter_context(safe_open(p.file, framework="pt")).get_slice(p.source)
+            tensor = None if p.data is not None else source(p, stack)
             for rows in _row_ranges(p, chunk_bytes):
-                data = p.data if source is None else source[rows].float().numpy()
+                data = p.data if tensor is None else tensor[rows].float().numpy()
                 if p.permute_heads:
                     data = permute_rotary(data, p.permute_heads)
                 if p.shift:

@@ -3,7 +3,9 @@
 Each decoder-block linear W becomes W' = m ⊙ (Ŵ + s·B·A) / ||Ŵ + s·B·A||_row (lora: Ŵ + s·B·A), where
 Ŵ is by default the dequantized NF4 weight training saw; untargeted block linears are written as Ŵ too,
 so the merged model computes what the trained model computed. `base="original"` merges onto the
-checkpoint's full-precision W instead. The base is read one tensor at a time and written in shards, so
+checkpoint's full-precision W instead. A base saved pre-quantized by bitsandbytes (NF4) has no
+full-precision W: its weights are dequantized from the stored bytes, and `original` is refused.
+The base is read one tensor at a time and written in shards, so
 peak memory is about one output shard plus one layer. Output goes to a temporary folder next to the
 destination, renamed at the end: an error leaves nothing behind, and an older output being replaced
 stays in place until the new one is complete. Before anything is written the output folder must be
@@ -37,6 +39,7 @@ class MergeResult:
     dequantized: int  # untargeted block linears written as their NF4 round trip
     shards: int
     total_bytes: int
+    prequantized_base: bool = False  # the base held NF4 bytes only: merged onto their dequantized weights
 
 
 # bytes per element of the safetensors dtypes that are not floating point (kept as they are by a merge)
@@ -45,17 +48,19 @@ _ITEMSIZE = {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1
 _HEADER_PER_TENSOR = 256
 
 
-def output_bytes(reader: WeightReader, base_dir: Path, dtype: torch.dtype) -> int:
-    """Bytes `merge_adapter` will write: every tensor of the base (floating ones in `dtype`), the
-    safetensors headers and index, and the side files copied from the base folder."""
+def output_bytes(reader: WeightReader, base_dir: Path, dtype: torch.dtype,
+                 headers: dict[str, tuple[tuple[int, ...], str]] | None = None) -> int:
+    """Bytes `merge_adapter` will write: every output tensor (`headers`: name -> output shape and dtype,
+    default the base's own; floating ones in `dtype`), the safetensors headers and index, and the side
+    files copied from the base folder."""
     size = torch.empty((), dtype=dtype).element_size()
     total = 0
-    for shape, dt in reader.headers().values():
+    for shape, dt in (reader.headers() if headers is None else headers).values():
         is_float = dt.startswith(("F", "BF"))
         total += math.prod(shape) * (size if is_float else _ITEMSIZE.get(dt, 8)) + _HEADER_PER_TENSOR
     side = sum(f.stat().st_size for f in base_dir.iterdir()
                if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != INDEX)
-    return total + side + 2 * _HEADER_PER_TENSOR * len(reader.files)
+    return total + side + 2 * _HEADER_PER_TENSOR * len(set(reader.files.values()))  # per shard file
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
@@ -113,7 +118,8 @@ def merge_adapter(
     output = Path(output)
     _check_output(output, overwrite)
     plan = AdapterMerge.load(adapter_dir, base_model, revision, check_base=_check_family)
-    needed = output_bytes(plan.reader, plan.base_dir, out_dtype)
+    plan.check_base_kind(base)
+    needed = output_bytes(plan.reader, plan.base_dir, out_dtype, plan.headers())
     check_output(output, needed, "the merged model")
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     with writing(output, "the merged model", needed):
@@ -124,7 +130,7 @@ def merge_adapter(
         try:
             writer = ShardedWriter(tmp, shard_bytes)
             merged = dequantized = 0
-            for key, tensor in plan.reader.items():
+            for key, tensor in plan.tensors():
                 with doing(f"merging {key}"):
                     if key in plan.linear_keys:
                         w = plan.merged(key, plan.base_weight(key, tensor, base))
@@ -142,4 +148,4 @@ def merge_adapter(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return MergeResult(output, merged, dequantized, len(shards), writer.total_bytes)
+    return MergeResult(output, merged, dequantized, len(shards), writer.total_bytes, bool(plan.prequantized))

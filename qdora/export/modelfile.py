@@ -41,28 +41,70 @@ INST_GO_TEMPLATE = """{{- $system := "" }}
 INST_STOPS = ["[INST]", "[/INST]", "</s>"]
 
 
+# Gemma 2 / 3: <start_of_turn>user ... <end_of_turn>, the assistant turn is "model"; a system message goes in
+# front of the next user turn (Gemma 3's template), separated by a blank line.
+GEMMA_GO_TEMPLATE = """{{- $system := "" }}
+{{- range .Messages }}
+{{- if eq .Role "system" }}{{ $system = .Content }}
+{{- else }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}
+{{ if $system }}{{ $system }}
+
+{{ $system = "" }}{{ end }}{{ .Content }}<end_of_turn>
+{{ end }}
+{{- end }}<start_of_turn>model
+"""
+GEMMA_STOPS = ["<start_of_turn>", "<end_of_turn>"]
+
+# Phi-3 / 3.5 / Phi-4-mini: <|role|>\ncontent<|end|>\n per message, then <|assistant|>\n.
+PHI3_GO_TEMPLATE = """{{- range .Messages }}<|{{ .Role }}|>
+{{ .Content }}<|end|>
+{{ end }}<|assistant|>
+"""
+PHI3_STOPS = ["<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>"]
+
+# Mistral Small 3 / Nemo with Tekken (V7): control tokens, no spaces around them.
+TEKKEN_GO_TEMPLATE = """{{- range .Messages }}
+{{- if eq .Role "system" }}[SYSTEM_PROMPT]{{ .Content }}[/SYSTEM_PROMPT]
+{{- else if eq .Role "user" }}[INST]{{ .Content }}[/INST]
+{{- else if eq .Role "assistant" }}{{ .Content }}</s>
+{{- end }}
+{{- end }}"""
+TEKKEN_STOPS = ["[INST]", "[/INST]", "</s>"]
+
+TEMPLATES = {
+    "llama3": (LLAMA3_GO_TEMPLATE, LLAMA3_STOPS),
+    "chatml": (CHATML_GO_TEMPLATE, CHATML_STOPS),
+    "inst": (INST_GO_TEMPLATE, INST_STOPS),
+    "gemma": (GEMMA_GO_TEMPLATE, GEMMA_STOPS),
+    "phi3": (PHI3_GO_TEMPLATE, PHI3_STOPS),
+    "tekken": (TEKKEN_GO_TEMPLATE, TEKKEN_STOPS),
+}
+
+
 def chat_format(vocab: VocabInfo) -> str:
-    """`llama3`, `chatml` or `inst`, from the special tokens the vocabulary defines."""
+    """One of TEMPLATES' formats, from the special tokens the vocabulary defines."""
     tokens = set(vocab.tokens)
     if "<|start_header_id|>" in tokens and "<|eot_id|>" in tokens:
         return "llama3"
     if "<|im_start|>" in tokens and "<|im_end|>" in tokens:
         return "chatml"
+    if "<start_of_turn>" in tokens and "<end_of_turn>" in tokens:
+        return "gemma"
+    if {"<|user|>", "<|assistant|>", "<|end|>"} <= tokens:
+        return "phi3"
+    if {"[INST]", "[/INST]", "[SYSTEM_PROMPT]"} <= tokens and vocab.model == "gpt2":
+        return "tekken"
     if vocab.model == "llama":
         return "inst"
     raise QdoraError(
-        "cannot tell the chat format for the Modelfile: the vocabulary has neither Llama 3 headers "
-        "nor ChatML tokens, and it is not a SentencePiece ([INST]) vocabulary"
+        "cannot tell the chat format for the Modelfile: the vocabulary has none of the Llama 3, ChatML, Gemma, "
+        "Phi-3 or Tekken control tokens, and it is not a SentencePiece ([INST]) vocabulary"
     )
 
 
 def modelfile_text(gguf_name: str, vocab: VocabInfo) -> str:
     """The Modelfile's content for a GGUF file `gguf_name` lying in the same folder."""
-    template, stops = {
-        "llama3": (LLAMA3_GO_TEMPLATE, LLAMA3_STOPS),
-        "chatml": (CHATML_GO_TEMPLATE, CHATML_STOPS),
-        "inst": (INST_GO_TEMPLATE, INST_STOPS),
-    }[chat_format(vocab)]
+    template, stops = TEMPLATES[chat_format(vocab)]
     lines = [f"FROM ./{gguf_name}", "", f'TEMPLATE """{template}"""', ""]
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     return "\n".join(lines) + "\n"

@@ -16,7 +16,13 @@ QWEN2_REGEX = (  # Qwen2 / Qwen2.5: one digit per piece
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+TEKKEN_REGEX = (  # Mistral Nemo / Small 3 / Ministral (Tekken, tiktoken-based): cased words, one digit per piece
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 # regex -> llama.cpp's name for the pre-tokenizer that splits with it
-BPE_PRE_TOKENIZERS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+BPE_PRE_TOKENIZERS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", TEKKEN_REGEX: "tekken"}
 # llama.cpp ties BPE's `ignore_merges` (a pre-token found whole in the vocabulary stays whole) to the name.
-LLAMACPP_IGNORES_MERGES = {"llama-bpe": True, "qwen2": False}
+LLAMACPP_IGNORES_MERGES = {"llama-bpe": True, "qwen2": False, "tekken": True}

@@ -28,10 +28,31 @@ CASES: dict[str, dict] = {
     "qwen2": dict(family="qwen2", tokenizer="qwen2", tie_word_embeddings=True),
     "qwen3": dict(family="qwen3", tokenizer="qwen2", tie_word_embeddings=True),
     "qwen3_untied": dict(family="qwen3", tokenizer="qwen2"),
+    "gemma2": dict(family="gemma2", tokenizer="gemma", tie_word_embeddings=True),
+    "gemma3": dict(family="gemma3_text", tokenizer="gemma", tie_word_embeddings=True),
+    "phi3": dict(family="phi3", tokenizer="phi3"),
+    # Qwen2.5/3 long-context YaRN, shrunk: factor 4 over a 64-token original context; with head_dim 32 and
+    # theta 1e4 the correction range falls inside the 16 frequencies, so all three bands are used.
+    "qwen3_yarn": dict(family="qwen3", tokenizer="qwen2", tie_word_embeddings=True,
+                       rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                        "original_max_position_embeddings": 64}),
+    "qwen2_yarn": dict(family="qwen2", tokenizer="qwen2", tie_word_embeddings=True,
+                       rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                        "original_max_position_embeddings": 64}),
+    # Mistral Nemo / Small 3 shape: head_dim 32 != hidden / heads, Tekken tokenizer.
+    "mistral_tekken": dict(family="mistral", tokenizer="tekken", head_dim=32),
+    # Phi-3.5 / Phi-4-mini style longrope: 4 factors per list (rotary dims 8 / 2). The original context
+    # (128) is llama.cpp's n_ctx in the tests, so both sides use the short factors (see gguf_phi3.py).
+    "phi3_longrope": dict(family="phi3", tokenizer="phi3", max_position_embeddings=1024,
+                          rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                           "partial_rotary_factor": 0.5,
+                                           "short_factor": [1.0, 1.3, 2.1, 3.4],
+                                           "long_factor": [1.1, 2.5, 4.0, 8.0],
+                                           "original_max_position_embeddings": 128}),
 }
 # Families added with the family registry: norms and biases randomised too (HF's 1 and 0 hide mistakes).
 RANDOM_NORMS = {"qwen3", "qwen3_untied", "gemma2", "gemma3", "phi3", "phi3_longrope", "qwen3_yarn",
-                "mistral_tekken"}
+                "qwen2_yarn", "mistral_tekken"}
 
 
 def build_case(name: str, root: Path, **overrides) -> Path:

@@ -27,8 +27,11 @@ TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", 
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 448, **overrides):
-    """A transformers config for a tiny model of one family (see TINY_FAMILIES)."""
+    """A transformers config for a tiny model of one family (see TINY_FAMILIES, and the MoE families of
+    `tiny_moe`: qwen3_moe, mixtral, qwen2_moe)."""
     from transformers import AutoConfig
+
+    from qdora.testing.tiny_moe import MOE_FAMILIES, tiny_moe_config
 
     common = dict(
         vocab_size=vocab_size,
@@ -44,8 +47,10 @@ def tiny_config(family: str = "llama", vocab_size: int = 448, **overrides):
         eos_token_id=4,
         pad_token_id=1,
     )
+    if family in MOE_FAMILIES:
+        return tiny_moe_config(family, {**common, **overrides})
     if family not in TINY_FAMILIES:
-        raise ValueError(f"unknown tiny family {family!r}: choose one of {', '.join(TINY_FAMILIES)}")
+        raise ValueError(f"unknown tiny family {family!r}: choose one of {', '.join(TINY_FAMILIES + MOE_FAMILIES)}")
     if family == "mistral":
         common["sliding_window"] = None
     common.update(FAMILY_DEFAULTS.get(family, {}))

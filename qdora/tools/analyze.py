@@ -60,10 +60,11 @@ def analyze_adapter(
     """Rows for every adapted weight: W = the (dequantized) base, W' = the adapter merged onto it."""
     BASE.check(base)
     plan = AdapterMerge.load(adapter_dir, base_model)
+    plan.check_base_kind(base)
     step = step_of(adapter_dir) if step is None else step
     rows = []
     for key in sorted(plan.adapters, key=_where):
-        w = plan.base_weight(key, plan.reader.get(key), base)
+        w = plan.base_weight(key, plan.weight(key), base)
         rows.append(_row(step, key, w, plan.merged(key, w)))
         del w
     return rows

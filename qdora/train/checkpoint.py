@@ -16,8 +16,10 @@ is written).
 
 Atomicity: everything goes into `.checkpoint-STEP.tmp/` first and is renamed in one `os.replace`, so a
 crash never leaves a half-written `checkpoint-STEP` (a leftover `.tmp` folder is removed by the next save
-of that step). With several ranks, rank 0 creates and renames the folder; the others write only their RNG
-file in between (barriers around it). Multi-node runs need OUTPUT on a filesystem all nodes share.
+of that step); a failed write (full disk, lost permission) removes the temporary folder at once and says
+which checkpoint to resume from. With several ranks, rank 0 creates and renames the folder; the others
+write only their RNG file in between (barriers around it). Multi-node runs need OUTPUT on a filesystem all
+nodes share.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from qdora.core.adapt import AdapterSpec
 from qdora.core.adapter_io import load_adapter_tensors, save_adapter
 from qdora.errors import QdoraError
+from qdora.io.os_errors import writing
 from qdora.train.distributed import Dist
 from qdora.train.rng_state import rng_state
 
@@ -116,21 +119,37 @@ def save_checkpoint(
     out = Path(output)
     final = out / f"{PREFIX}{step}"
     tmp = out / f".{PREFIX}{step}.tmp"
-    if dist_.main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        _write_adapter(tmp, spec, adapter_state, base_model, provenance)
-        _write_optimizer(tmp, optimizer_state)
-        _write_trainer(tmp, {**trainer_state, "step": step, "world_size": dist_.world_size})
-    dist_.barrier()
-    _write_rng(tmp, dist_.rank)
-    dist_.barrier()
-    if dist_.main:
-        _publish(tmp, final)
-        prune(out, keep)
+    # A full disk or lost permission: one message naming the checkpoint and the last good one to resume
+    # from, and the temporary folder removed (a checkpoint is complete or absent).
+    with writing(final, f"checkpoint {step}", hint=resume_hint(out)):
+        try:
+            if dist_.main:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+                _write_adapter(tmp, spec, adapter_state, base_model, provenance)
+                _write_optimizer(tmp, optimizer_state)
+                _write_trainer(tmp, {**trainer_state, "step": step, "world_size": dist_.world_size})
+            dist_.barrier()
+            _write_rng(tmp, dist_.rank)
+            dist_.barrier()
+            if dist_.main:
+                _publish(tmp, final)
+                prune(out, keep)
+        except BaseException:
+            if dist_.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     dist_.barrier()
     return final
+
+
+def resume_hint(output: str | Path) -> str:
+    """What a stopped run can continue from: the newest complete checkpoint, if any."""
+    found = list_checkpoints(output)
+    if not found:
+        return "no checkpoint was written yet (the run would start over)"
+    return f"the last good checkpoint is {found[-1][1]} (continue from it with --resume latest)"
 
 
 def prune(output: Path, keep: int) -> None:

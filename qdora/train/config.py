@@ -23,19 +23,19 @@ from qdora.options import (
     OFFLOAD,
     ON_SPIKE,
     OPTIM,
-    REPORT_TO,
     SCHEDULER,
     TRAIN_ADAPTER_DTYPE,
     offloads_activations,
     offloads_params,
     parse_target,
+    report_to,
     torch_dtype,
 )
 
 # The options of TrainConfig that take one of a fixed set of values (qdora/options.py checks them).
 CHOICES = {"method": METHOD, "scheduler": SCHEDULER, "format": DATA_FORMAT, "offload": OFFLOAD, "dtype": DTYPE,
-           "report_to": REPORT_TO, "adapter_dtype": TRAIN_ADAPTER_DTYPE, "optim": OPTIM, "lm_head": LM_HEAD,
-           "embeddings": EMBEDDINGS, "on_spike": ON_SPIKE}
+           "adapter_dtype": TRAIN_ADAPTER_DTYPE, "optim": OPTIM, "lm_head": LM_HEAD, "embeddings": EMBEDDINGS,
+           "on_spike": ON_SPIKE}
 
 
 RESOLVED_KEY = "resolved"  # train_config.yaml's record of resolved revisions; not an option
@@ -104,7 +104,11 @@ class TrainConfig:
                                    "or device.")
     device: str = _opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK).")
     log_every: int = _opt(1, "Log (metrics.jsonl, progress bar) every N steps.")
-    report_to: str = _opt("none", "Also log to: none or tensorboard (OUTPUT/tensorboard; needs tensorboard).")
+    report_to: str = _opt("none", "Also log to trackers: none, all, or any of tensorboard (OUTPUT/tensorboard), "
+                                  "wandb, mlflow, comma-separated (e.g. wandb,mlflow); their packages must be "
+                                  "installed (pip install 'qdora[loggers]'). WANDB_* / MLFLOW_* variables apply.")
+    run_name: str = _opt(None, "Run name in wandb / MLflow (default: OUTPUT's folder name).")
+    project: str = _opt(None, "wandb project / MLflow experiment (default: qdora).")
     allow_no_export: bool = _opt(False, "Train a family qdora can train and merge but not export to GGUF "
                                         "(a warning instead of the refusal).", flag=True)
 
@@ -116,6 +120,7 @@ class TrainConfig:
         for name, choice in CHOICES.items():
             choice.check(getattr(self, name))
         parse_target(self.target)
+        report_to(self.report_to)
         positive = ("rank", "epochs", "seq_len", "micro_batch", "grad_accum", "log_every")
         for name in positive + ("max_steps", "eval_every", "save_every"):
             value = getattr(self, name)
@@ -135,6 +140,11 @@ class TrainConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise QdoraError(f"--dropout must be in [0, 1), not {self.dropout}")
         return self
+
+    @property
+    def reporters(self) -> tuple[str, ...]:
+        """The trackers --report-to names (none: empty)."""
+        return report_to(self.report_to)
 
     @property
     def torch_dtype(self):
@@ -194,6 +204,8 @@ def resolve_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> 
     values.update(file_values)
     values.update({k: v for k, v in flag_values.items() if v is not None})
     types = {f.name: f.type for f in fields(TrainConfig)}
+    if isinstance(values.get("report_to"), (list, tuple)):  # YAML: report_to: [wandb, mlflow]
+        values["report_to"] = ",".join(map(str, values["report_to"]))
     for name, value in values.items():
         if value is None:
             continue

@@ -51,6 +51,14 @@ class Dist:
         if self.sharded:
             dist.barrier()
 
+    @property
+    def host_collectives(self) -> bool:
+        """Whether collectives on CPU tensors work (gloo on CPU, or a `cuda:nccl,cpu:gloo` group): small
+        host-side sums then need no device sync."""
+        if not self.sharded or self.device.type == "cpu":
+            return True
+        return "gloo" in str(dist.get_backend())
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.sharded:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -60,9 +68,9 @@ class Dist:
         """True if the flag is set on any rank (so every rank takes the same branch)."""
         if not self.sharded:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        t = torch.tensor([1.0 if flag else 0.0], device="cpu" if self.host_collectives else self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return bool(t.item())  # a host tensor over gloo: no wait for the GPU
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:

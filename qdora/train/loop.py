@@ -16,7 +16,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,14 +24,17 @@ import torch
 from torch import nn
 
 from qdora.errors import QdoraError
+from qdora.io.os_errors import as_write_failure
+from qdora.train.checkpoint import resume_hint
 from qdora.train.config import TrainConfig
 from qdora.train.distributed import Dist, setup_distributed, teardown_distributed
 from qdora.train.metrics import Metrics, peak_memory_gb
+from qdora.train.reporters import open_reporters
 from qdora.train.run_lock import RunLock
 from qdora.train.save import save, save_final
 from qdora.train.setup import check_inputs, resume, setup_data, setup_model, setup_optimizer
 from qdora.train.state import RunState
-from qdora.train.step import evaluate, train_step
+from qdora.train.step import check_deferred, evaluate, train_step
 
 
 @dataclass
@@ -84,18 +87,27 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
     d = setup_distributed(cfg.device, cfg.offload_params)
     try:
-        return _run(cfg, d)
+        with ExitStack() as stack:  # closes the trackers' run as failed if the run raises
+            return _run(cfg, d, stack)
+    except QdoraError:
+        raise
     except torch.OutOfMemoryError as e:
         raise QdoraError(
             f"CUDA out of memory ({e.__class__.__name__}): lower --micro-batch (now {cfg.micro_batch}) or "
             f"--seq-len (now {cfg.seq_len}), or offload (--offload activations, params or all; now "
             f"{cfg.offload}); more --grad-accum keeps the global batch"
         ) from e
+    except Exception as e:  # a full disk or lost permission outside a checkpoint (metrics, final adapter)
+        failure = as_write_failure(e, getattr(e, "filename", None) or cfg.output, "the run's output",
+                                   hint=resume_hint(cfg.output))
+        if failure is None:
+            raise
+        raise failure from e
     finally:
         teardown_distributed(d)
 
 
-def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
+def _run(cfg: TrainConfig, d: Dist, stack: ExitStack) -> TrainResult:
     s, tokenizer = check_inputs(cfg, d)
     setup_data(s, tokenizer)
     lock = RunLock(s.out, enabled=d.main)  # one run per OUTPUT; rank 0 holds it for all ranks
@@ -109,7 +121,7 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
         torch.manual_seed(cfg.seed + d.rank)  # dropout masks (a resumed run restores the saved generators)
         if s.resumed is not None:
             resume(s)
-        return _loop(s)
+        return _loop(s, stack)
     finally:
         lock.release()
 
@@ -126,20 +138,30 @@ def _lock(lock: RunLock, d: Dist) -> None:
         raise refused or QdoraError(f"rank 0 could not lock {lock.out}")
 
 
-def _next_batches(it: Iterator[dict[str, torch.Tensor]], n: int, device: torch.device) -> list[dict]:
-    """Up to `n` micro batches (one optimizer step), on the device; fewer only when the data ends."""
+def _next_batches(it: Iterator[dict[str, torch.Tensor]], n: int) -> list[dict]:
+    """Up to `n` micro batches (one optimizer step), on the host (the step counts their tokens there and
+    copies them); fewer only when the data ends."""
     batches = []
     for _ in range(n):
         b = next(it, None)
         if b is None:
             break
-        batches.append({k: v.to(device) for k, v in b.items()})
+        batches.append(b)
     return batches
 
 
-def _loop(s: RunState) -> TrainResult:
+def _reported(s: RunState, step: int) -> bool:
+    """Whether `step` is logged, evaluated, saved or the last: its loss must reach the host."""
+    cfg = s.cfg
+    return (step % cfg.log_every == 0 or step == s.total_steps or bool(cfg.save_every and step % cfg.save_every == 0)
+            or bool(s.eval_batches is not None and cfg.eval_every and step % cfg.eval_every == 0))
+
+
+def _loop(s: RunState, stack: ExitStack) -> TrainResult:
     cfg, d = s.cfg, s.dist
-    metrics = Metrics(s.out, d.main, s.total_steps, s.step, cfg.report_to == "tensorboard")
+    reporters = open_reporters(cfg.reporters, s.out, {**cfg.to_dict(), "resolved": s.provenance}, cfg.run_name,
+                               cfg.project) if d.main else []
+    metrics = stack.enter_context(Metrics(s.out, d.main, s.total_steps, s.step, reporters))
     if d.main:
         metrics.write(f"qdora: {s.report.summary()}")
         metrics.write(f"qdora: {s.data.stats.rows} rows, {s.data.stats.trained_tokens} trained tokens; "
@@ -151,11 +173,12 @@ def _loop(s: RunState) -> TrainResult:
     window_tokens, window_start = 0, time.perf_counter()
     with stop.installed():
         while s.step < s.total_steps:
-            micro_batches = _next_batches(batches, cfg.grad_accum, d.device)
+            micro_batches = _next_batches(batches, cfg.grad_accum)
             if not micro_batches:
                 break
-            done = train_step(s, micro_batches)
-            result.losses[s.step] = done.loss
+            done = train_step(s, micro_batches, report=_reported(s, s.step + 1))
+            if done.loss is not None:
+                result.losses[s.step] = done.loss
             window_tokens += done.input_tokens
             if done.spike:  # --on-spike warn: say so above the bar and in the log, and carry on
                 metrics.write(f"qdora: WARNING {done.spike}")
@@ -174,10 +197,11 @@ def _loop(s: RunState) -> TrainResult:
             if cfg.save_every and s.step % cfg.save_every == 0 and s.step < s.total_steps:
                 save(s)
             if d.any(stop.signum is not None):
+                check_deferred(s)  # never save weights past a skipped non-finite step without saying so
                 save(s)
                 result.status, result.signal = "interrupted", stop.signum or signal.SIGTERM
                 break
-    metrics.close()
+    metrics.close("interrupted" if result.status == "interrupted" else "done")
     result.step, result.checkpoint = s.step, s.last_checkpoint
     if result.status == "done":
         save_final(s)

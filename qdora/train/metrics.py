@@ -1,4 +1,5 @@
-"""What a run reports: `metrics.jsonl` (one JSON object per logged step), a tqdm bar, optional TensorBoard.
+"""What a run reports: `metrics.jsonl` (one JSON object per logged step), a tqdm bar, and the trackers of
+`--report-to` (TensorBoard, wandb, MLflow: `qdora.train.reporters`).
 
 Only rank 0 writes or shows anything. Peak memory is CUDA's max allocated bytes on GPU, the process's
 peak RSS on CPU. On resume the file keeps the rows up to the resumed step and continues from there.
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from qdora.errors import QdoraError
+from qdora.train.reporters import Reporter, metric_name
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -25,21 +26,20 @@ def peak_memory_gb(device: torch.device) -> float:
     return kb / 2**20
 
 
-def check_tensorboard() -> None:
-    try:
-        import torch.utils.tensorboard  # noqa: F401
-    except ImportError as e:
-        raise QdoraError("--report-to tensorboard needs the tensorboard package (pip install tensorboard)") from e
-
-
 class Metrics:
-    """metrics.jsonl + progress bar + TensorBoard, all no-ops off rank 0."""
+    """metrics.jsonl + progress bar + trackers, all no-ops off rank 0.
 
-    def __init__(self, output: Path, enabled: bool, total_steps: int, start_step: int, tensorboard: bool):
+    A context manager: leaving it on an exception closes the trackers' run as failed (interrupted for
+    KeyboardInterrupt); `close(status)` closes it as done/interrupted; closing twice does nothing.
+    """
+
+    def __init__(self, output: Path, enabled: bool, total_steps: int, start_step: int,
+                 reporters: list[Reporter] | None = None):
         self.enabled = enabled
         self.path = output / "metrics.jsonl"
         self.bar = None
-        self.tb = None
+        self.reporters = list(reporters or []) if enabled else []
+        self.closed = False
         if not enabled:
             return
         if start_step > 0 and self.path.exists():  # resume: drop rows the resumed run will write again
@@ -52,20 +52,16 @@ class Metrics:
 
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         file=sys.stderr, mininterval=0.5)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(output / "tensorboard"))
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"train/{key}", value, row["step"])
+        scalars = {metric_name(k): float(v) for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for reporter in self.reporters:
+            reporter.log(scalars, row["step"])
         if self.bar is not None and "loss" in row:
             norm = {"gnorm": f"{row['grad_norm']:.3g}"} if "grad_norm" in row else {}
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", **norm, lr=f"{row['lr']:.2e}",
@@ -84,8 +80,34 @@ class Metrics:
             else:
                 print(message, file=sys.stderr)
 
-    def close(self) -> None:
+    def close(self, status: str = "done") -> None:
+        """End the bar and the trackers' run (`status`: done, interrupted or failed)."""
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+            self.bar = None
+        self._close_reporters(status)
+
+    def _close_reporters(self, status: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        errors = []
+        for reporter in self.reporters:  # every one is closed, even if an earlier one fails
+            try:
+                reporter.close(status)
+            except Exception as e:  # a tracker that cannot close must not hide the run's own outcome
+                errors.append(f"{type(reporter).__name__}: {e}")
+        if errors:
+            import logging
+
+            logging.getLogger("qdora.train.metrics").warning("closing trackers: %s", "; ".join(errors))
+
+    def __enter__(self) -> Metrics:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+            self._close_reporters("interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed")

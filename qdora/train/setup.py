@@ -18,9 +18,11 @@ from qdora.core.adapter_io import fill_adapter
 from qdora.core.families import check_family
 from qdora.core.frozen_parts import place_frozen_parts
 from qdora.core.load import build_meta_model, load_weights, open_checkpoint
+from qdora.core.prequantized import base_double_quant
 from qdora.data.hub_data import RepoSelect
 from qdora.errors import QdoraError
 from qdora.io.hub import looks_like_repo_id, resolve_model
+from qdora.io.preflight import check_writable
 from qdora.options import TORCH_DTYPE_NAMES
 from qdora.train.checkpoint import load_checkpoint, resolve_resume
 from qdora.train.config import TrainConfig
@@ -31,8 +33,8 @@ from qdora.train.distributed import (
     load_optimizer_state,
     shard_model,
 )
-from qdora.train.metrics import check_tensorboard
 from qdora.train.optim import SpikeGuard, build_optimizer, check_optimizer
+from qdora.train.reporters import check_reporters
 from qdora.train.rng_state import set_rng_state
 from qdora.train.run_lock import LOCK_NAME, check_free
 from qdora.train.state import RunState
@@ -45,6 +47,7 @@ def _check_output(cfg: TrainConfig) -> Path | None:
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise QdoraError(f"--output {out} exists and is not a folder")
+    check_writable(out, "the run folder")
     check_free(out)
     if cfg.resume:
         return resolve_resume(out, cfg.resume)
@@ -75,14 +78,14 @@ def check_inputs(cfg: TrainConfig, d: Dist) -> tuple[RunState, object]:
     """Phase 1: options, output folder, model folder; the run's state and the tokenizer."""
     compute = cfg.torch_dtype
     check_mixed_precision(compute, d.sharded)
-    if cfg.report_to == "tensorboard":
-        check_tensorboard()
+    check_reporters(cfg.reporters)
     resume_from = _check_output(cfg)
     model = resolve_model(cfg.model, cfg.revision)
     tokenizer = _load_tokenizer(cfg, model.path)
     check_optimizer(cfg.optim, d.device, d.sharded)
     spec = AdapterSpec(method=cfg.method, r=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout,
-                       target=cfg.target, adapter_dtype=TORCH_DTYPE_NAMES[cfg.adapter_dtype])
+                       target=cfg.target, adapter_dtype=TORCH_DTYPE_NAMES[cfg.adapter_dtype],
+                       double_quant=base_double_quant(model.path))
     meta, _ = build_meta_model(model.path, spec, compute)  # architecture, targets, NF4 block size: refused
     place_frozen_parts(meta, cfg.lm_head, cfg.embeddings, d.device, compute)  # before loading anything
     # adapter_config.json's base_model_name_or_path: a Hub id or a folder's path
@@ -154,6 +157,8 @@ def setup_model(s: RunState) -> None:
     if d.sharded:
         shard_model(s.wrapper, s.compute, cfg.offload_params, root_blocks=s.model)
     load_weights(s.model, s.model_dir, d.device, cfg.seed)
+    if d.device.type == "cuda":  # peak_mem_gb reports training, not the quantization transients of loading
+        torch.cuda.reset_peak_memory_stats(d.device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(s.model)
     s.wrapper.train()

@@ -52,6 +52,9 @@ class RunState:
     # the loop
     step: int = 0
     last_checkpoint: Path | None = None
+    # the step: the first step whose loss was non-finite, kept on the device between reported steps
+    # (0: none yet); updates from it on are skipped on the device (see qdora.train.step)
+    first_nonfinite: torch.Tensor | None = None
 
     @property
     def trainable(self) -> list[nn.Parameter]:

@@ -70,7 +70,7 @@ def test_untrainable_family_refused_even_with_the_flag():
 
 def test_train_plan_merge_refuse_before_writing(tmp_path):
     """The CLI refuses an unknown family with exit 1 and the same message, leaving no output behind."""
-    model = _config(tmp_path / "m", model_type="mixtral", num_local_experts=8, architectures=["MixtralForCausalLM"])
+    model = _config(tmp_path / "m", model_type="olmoe", num_experts=8, architectures=["OlmoeForCausalLM"])
     (model / "model.safetensors").write_bytes(b"")
     runner = CliRunner()
     out = tmp_path / "run"
@@ -86,3 +86,8 @@ def test_train_plan_merge_refuse_before_writing(tmp_path):
         "base_model_name_or_path": str(model)}))
     res = runner.invoke(main, ["merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")])
     assert res.exit_code == 1 and "mixture-of-experts" in res.output and not (tmp_path / "merged").exists()
+
+
+def test_image_text_gemma3_refused_with_the_way_out():
+    with pytest.raises(QdoraError, match=r"Gemma 3 image-text.*cannot be trained.*gemma3_text"):
+        check_family({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}})

@@ -309,8 +309,8 @@ def test_failure_while_writing_leaves_no_partial_file(models, tmp_path, monkeypa
 
     real = export_mod.write_tensor_data
 
-    def fail_midway(writer, plans):
-        real(writer, plans[:2])
+    def fail_midway(writer, plans, **kw):
+        real(writer, plans[:2], **kw)
         raise OSError(28, "No space left on device")
 
     out = tmp_path / "m.gguf"

@@ -24,23 +24,13 @@ import torch
 from qdora.export.gguf_export import export_gguf
 from qdora.export.llamacpp_quantize import quantize_gguf
 from qdora.testing.family_cases import build_case
+from qdora.testing.llamacpp_oracle import PROMPTS, TEXTS, LlamaCpp, Reference, rel_diff
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CASES = ["llama", "llama_tied_rope", "mistral_spm", "qwen2"]
-TEXTS = [
-    "Hello world",
-    "The red cat sees 12345 stars, 3.14159 and 1,000,000.",
-    "naïve café — Ünïcödé 😀 日本語!",
-    "  two leading spaces and trailing  ",
-    "lines\nand\n\nblank lines\r\n\ttabs",
-    "don't you'll WE'VE (x+y)*z; a_b-c",
-    " What colour is the fox?",
-]
-PROMPTS = ["The red cat sees the", "What colour is the owl? The owl"]
 REL_TOL = {"f32": 1e-4, "f16": 1e-2, "bf16": 6e-2}
-F32 = 0  # GGML_TYPE_F32 for llama.cpp's KV cache (its f16 default would add its own rounding)
 
 
 @pytest.fixture(scope="module")
@@ -49,62 +39,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {name: build_case(name, root) for name in CASES}
 
 
-class Reference:
-    """transformers' tokenizer and model for one folder."""
-
-    def __init__(self, model_dir: Path):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-    @torch.no_grad()
-    def logits(self, ids: list[int]) -> np.ndarray:
-        return self.model(torch.tensor([ids])).logits[0].numpy()
-
-    def greedy(self, ids: list[int], n: int = 10) -> list[int]:
-        seq = list(ids)
-        for _ in range(n):
-            seq.append(int(self.logits(seq)[-1].argmax()))
-        return seq[len(ids):]
-
-
-class LlamaCpp:
-    """A GGUF loaded in llama.cpp, evaluated token by token with all logits kept."""
-
-    def __init__(self, path: Path):
-        self.llm = llama_cpp.Llama(
-            str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False, type_k=F32, type_v=F32
-        )
-
-    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
-
-    def logits(self, ids: list[int]) -> np.ndarray:
-        self.llm.reset()
-        self.llm.eval(ids)
-        return np.array(self.llm.scores[: len(ids)])
-
-    def greedy(self, ids: list[int], n: int = 10) -> list[int]:
-        self.llm.reset()
-        self.llm.eval(ids)
-        out = []
-        for _ in range(n):
-            out.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
-            self.llm.eval(out[-1:])
-        return out
-
-    def close(self) -> None:
-        self.llm.close()
-
-
 @pytest.fixture(scope="module")
 def refs(models) -> dict[str, Reference]:
     return {name: Reference(path) for name, path in models.items()}
-
-
-def _rel_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(a).max())
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -123,7 +60,7 @@ def test_f32_matches_transformers(models, refs, tmp_path, case):
             ids = ref.tok(prompt)["input_ids"]
             hf = ref.logits(ids)
             assert cpp.logits(ids).shape == hf.shape  # one column per (padded) embedding row
-            assert _rel_diff(hf, cpp.logits(ids)) <= REL_TOL["f32"]
+            assert rel_diff(hf, cpp.logits(ids)) <= REL_TOL["f32"]
             assert cpp.greedy(ids) == ref.greedy(ids)
     finally:
         cpp.close()
@@ -136,7 +73,7 @@ def test_half_precision_close(models, refs, tmp_path, case, outtype):
     cpp = LlamaCpp(export_gguf(models[case], tmp_path / f"{case}.gguf", outtype=outtype))
     try:
         ids = ref.tok(PROMPTS[0])["input_ids"]
-        assert _rel_diff(ref.logits(ids), cpp.logits(ids)) <= REL_TOL[outtype]
+        assert rel_diff(ref.logits(ids), cpp.logits(ids)) <= REL_TOL[outtype]
         if outtype == "f16":
             assert cpp.greedy(ids) == ref.greedy(ids)
     finally:
@@ -156,7 +93,7 @@ def test_llama3_rope_scaling_is_what_is_tested(models, refs):
     ids = ref.tok(PROMPTS[0])["input_ids"]
     with torch.no_grad():
         other = plain(torch.tensor([ids])).logits[0].numpy()
-    assert _rel_diff(ref.logits(ids), other) > 100 * REL_TOL["f32"]
+    assert rel_diff(ref.logits(ids), other) > 100 * REL_TOL["f32"]
 
 
 def test_q8_0_is_llamacpp_q8_0_and_agrees(models, refs, tmp_path):

@@ -223,3 +223,15 @@ def test_failure_mid_stream_leaves_the_old_output_and_no_temporary(adapters, tmp
         merge_adapter(adapters["dora"], out, dtype="fp32", shard_size="50KB", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_output_bytes_predicts_the_merged_folder(tiny_llama_dir, adapters, tmp_path, dtype):
+    """The free-space check's figure: at least what is written, and not much more (headers, index)."""
+    from qdora.export.merge import output_bytes
+    from qdora.options import torch_dtype
+
+    predicted = output_bytes(WeightReader(tiny_llama_dir), tiny_llama_dir, torch_dtype(dtype))
+    out = merge_adapter(adapters["dora"], tmp_path / "out", dtype=dtype, shard_size="100kB").output
+    written = sum(f.stat().st_size for f in out.iterdir())
+    assert written <= predicted <= written * 1.05 + 64 * 1024

@@ -108,7 +108,7 @@ def test_tensorboard_missing_is_a_clear_error(tiny_llama_dir, tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     out = tmp_path / "out"
     assert_refused(run(tiny_llama_dir, alpaca_data(tmp_path), out, "--report-to", "tensorboard"), out,
-                   "needs the tensorboard package")
+                   "needs a package that is not installed: pip install tensorboard")
 
 
 def test_nan_loss_stops_with_a_message(tmp_path):
