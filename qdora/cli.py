@@ -19,8 +19,12 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model", required=True, help="model folder (config.json), a config.json file, a preset "
-              "(llama-3-70b, llama-3-8b, llama-3.2-1b), or a Hub id org/name (fetches config.json only)")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="A `qdora train` YAML: its model, revision, seq-len, rank, micro-batch, method, offload and "
+                   "target are planned (flags given here override them).")
+@click.option("--model", default=None, help="model folder (config.json), a config.json file, a preset "
+              "(llama-3-70b, llama-3-8b, llama-3.2-1b, qwen2.5-7b, mistral-7b), or a Hub id org/name "
+              "(fetches config.json only)")
 @click.option("--revision", default=None, help="Hub branch, tag or commit of --model [default: main]")
 @click.option("--gpus", type=int, default=1, show_default=True, help="ranks sharing the model with FSDP2")
 @click.option("--gpu-mem", type=float, default=24.0, show_default=True, help="memory per GPU in GiB")
@@ -38,8 +42,9 @@ def main() -> None:
 @click.option("--optim", default="adamw", show_default=True, metavar=OPTIM.metavar)
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 @click.option("--allow-no-export", is_flag=True, help="plan a family qdora trains but cannot export to GGUF")
-def plan(model, revision, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss, lm_head,
-         embeddings, adapter_dtype, optim, as_json, allow_no_export) -> None:
+@click.pass_context
+def plan(ctx, config_file, model, revision, gpus, gpu_mem, seq_len, rank, micro_batch, method, offload, target, loss,
+         lm_head, embeddings, adapter_dtype, optim, as_json, allow_no_export) -> None:
     """Per-GPU memory of a QDoRA run, whether it fits, and the cheapest settings that make it fit.
 
     Exit status 0 when it fits, 1 when it does not (the report then names the settings that would fit).
@@ -47,7 +52,17 @@ def plan(model, revision, gpus, gpu_mem, seq_len, rank, micro_batch, method, off
     import json
 
     from qdora.core.families import check_family
-    from qdora.tools.plan import load_config, plan_memory
+    from qdora.tools.plan import load_config, plan_memory, train_settings
+
+    if config_file:
+        given = {k for k in ctx.params if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+        values = {k: v for k, v in train_settings(config_file).items() if k not in given}
+        model, revision = values.get("model", model), values.get("revision", revision)
+        seq_len, rank = values.get("seq_len", seq_len), values.get("rank", rank)
+        micro_batch, method = values.get("micro_batch", micro_batch), values.get("method", method)
+        offload, target = values.get("offload", offload), values.get("target", target)
+    if not model:
+        raise QdoraError("qdora plan needs --model (or --config with a model)")
 
     config = load_config(model, revision)
     if isinstance(config, dict):  # a model's config.json (presets are Llama shapes)

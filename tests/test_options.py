@@ -72,10 +72,15 @@ def test_bad_targets(target, match):
         select_targets(target, PATHS, "M")
 
 
-def test_train_and_plan_share_the_target_grammar():
+def test_train_and_plan_share_the_target_grammar(tiny_llama_dir):
+    from qdora.core.adapt import find_targets
+    from qdora.core.load import meta_model
+
     cfg = resolve_config({}, {"model": "m", "data": "d", "output": "o", "target": "q_proj"})
     assert parse_target(cfg.target).names == ("q_proj",)
-    assert AdapterSpec(target="q_proj").target == "q_proj"
+    model = meta_model(tiny_llama_dir)  # what `qdora train` adapts: one name means that linear in every block
+    assert find_targets(model, AdapterSpec(target=cfg.target).target) == [
+        f"model.layers.{n}.self_attn.q_proj" for n in range(model.config.num_hidden_layers)]
     config = preset_config("8b")
     one = plan_memory(config, target="q_proj").details["adapter_params"]
     assert plan_memory(config, target=r"model\.layers\.\d+\.self_attn\.q_proj").details["adapter_params"] == one

@@ -71,8 +71,16 @@ class RandomWeights:
             return torch.ones(shape, dtype=torch.bfloat16, device=self.device)
         linear = len(shape) == 2 and ".layers." in key
         gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
-        t = torch.randn(shape, generator=gen, device=self.device, dtype=torch.float32).mul_(0.02)
-        return t if linear else t.to(torch.bfloat16)
+        if linear:  # quantized at once: fp32, one linear at a time (0.9 GiB at most at 70B)
+            return torch.randn(shape, generator=gen, device=self.device, dtype=torch.float32).mul_(0.02)
+        # embeddings / lm_head (128256 x 8192 at 70B): made in bf16, a slab of rows at a time, so no fp32
+        # copy of the whole table (4 GiB) lands on a capped GPU beside the loaded shards
+        out = torch.empty(shape, dtype=torch.bfloat16, device=self.device)
+        flat = out.view(shape[0], -1) if out.dim() > 1 else out.view(-1, 1)
+        for start in range(0, flat.shape[0], 8192):
+            rows = flat[start:start + 8192]
+            rows.copy_(torch.randn(rows.shape, generator=gen, device=self.device, dtype=torch.float32).mul_(0.02))
+        return out
 
     def items(self):
         for k in self.keys():

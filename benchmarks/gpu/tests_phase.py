@@ -70,7 +70,8 @@ def run(phase: Phase) -> None:
                       "--max-steps", "4", "--save-every", "2", "--keep", "0", "--resume",
                       str(main_run / "checkpoint-2")], timeout=90, check="qdora train --resume checkpoint-2")
     a, b = _losses(main_run), _losses(resumed)
-    same = bool(b) and all(abs(b[s] - a.get(s, float("nan"))) <= 1e-6 * abs(a[s]) + 1e-6 for s in b)
+    tol = 1e-6 if phase.dry_run else 1e-5  # CUDA reductions may differ in the last bits between runs
+    same = bool(b) and all(abs(b[s] - a.get(s, float("nan"))) <= tol * abs(a[s]) + 1e-6 for s in b)
     phase.row("resume reproduces steps 3-4", same and sorted(b) == [3, 4], None, f"{a} vs {b}")
     merged = work / "merged"
     phase.sh(QDORA + ["merge", "--adapter", str(main_run), "--output", str(merged), "--base-model", str(model),

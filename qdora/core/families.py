@@ -116,13 +116,15 @@ register(Family("qwen2", "Qwen2/2.5", gguf_arch="qwen2", chat_formats=("chatml",
 register(Family("qwen3", "Qwen3 (dense)", gguf_arch="qwen3", chat_formats=("chatml",)))
 register(Family("gemma2", "Gemma 2", gguf_arch="gemma2", chat_formats=("gemma",)))
 register(Family("gemma3_text", "Gemma 3 (text)", gguf_arch="gemma3", chat_formats=("gemma",)))
-register(Family("phi3", "Phi-3 / Phi-3.5 / Phi-4-mini", gguf_arch="phi3", chat_formats=("phi3",)))
-# The image-text Gemma 3 checkpoints nest the text tower (`model.language_model.*`) beside a vision tower
-# and projector; qdora's loader, merge and export read a plain causal LM, so they are refused by name.
+register(Family("phi3", "Phi-3 / Phi-3.5 / Phi-4-mini", gguf_arch="phi3", chat_formats=("phi3", "phi4")))
+# The image-text Gemma 3 checkpoints store the text tower as `language_model.model.*` beside a vision tower
+# and projector; transformers renames those keys at load time, qdora's streaming loader, merge and export read
+# checkpoint names as the module names, so these are refused by name (the text tower itself is a gemma3_text).
 register(Family(
     "gemma3", "Gemma 3 image-text (Gemma3ForConditionalGeneration)", train=False, merge=False,
-    missing="qdora reads plain causal LMs; this checkpoint nests the text model beside a vision tower. Use a "
-            "text-only gemma3_text checkpoint (Gemma 3 1B, or the language model saved on its own)",
+    missing="its checkpoint stores the text model as language_model.model.* beside a vision tower, and qdora "
+            "reads plain causal-LM checkpoints. Use a text-only gemma3_text checkpoint (Gemma 3 1B, or the "
+            "language model saved on its own with Gemma3ForCausalLM)",
 ))
 
 # Mixture-of-experts families register themselves where they are implemented (torch-free module).

@@ -62,10 +62,10 @@ FAMILIES: dict[str, MoEFamily] = {
                          "intermediate_size", renames=((".mlp.", ".block_sparse_moe."),)),
 }
 
-_NO_GGUF_YET = "its GGUF export is not implemented yet"
-register(Family("qwen3_moe", "Qwen3-MoE", chat_formats=("chatml",), missing=_NO_GGUF_YET))
-register(Family("mixtral", "Mixtral", chat_formats=("inst",), missing=_NO_GGUF_YET))
-register(Family("qwen2_moe", "Qwen2-MoE", chat_formats=("chatml",), missing=_NO_GGUF_YET))
+# llama.cpp's architectures, as its converter writes them: Mixtral is the llama arch with experts.
+register(Family("qwen3_moe", "Qwen3-MoE", gguf_arch="qwen3moe", chat_formats=("chatml",)))
+register(Family("mixtral", "Mixtral", gguf_arch="llama", chat_formats=("inst",)))
+register(Family("qwen2_moe", "Qwen2-MoE (Qwen1.5-MoE)", gguf_arch="qwen2moe", chat_formats=("chatml",)))
 
 # Fused parameters of the experts module in registration order (PEFT nests its wrappers in this order).
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")

@@ -9,14 +9,14 @@ cannot reproduce, so export refuses them before writing. The arch-specific funct
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
 
 from qdora.errors import QdoraError
-from qdora.export import gguf_gemma, gguf_phi3, gguf_rope
+from qdora.export import gguf_gemma, gguf_moe, gguf_phi3, gguf_rope
 
 if TYPE_CHECKING:
     from qdora.export.gguf_config import ModelSpec
@@ -29,6 +29,11 @@ def _nothing(*_args) -> None:
 def _no_attention_bias(spec: ModelSpec) -> None:
     if spec.cfg.get("attention_bias"):
         raise QdoraError(f"attention_bias=true: llama.cpp's {spec.arch} has no q/k/v/o biases")
+
+
+def _qwen3moe_check(spec: ModelSpec) -> None:
+    _no_attention_bias(spec)
+    gguf_moe.check_moe(spec)
 
 
 def _no_tensors(_spec: ModelSpec) -> dict[str, np.ndarray]:
@@ -49,14 +54,17 @@ class ArchRules:
     check: Callable[[ModelSpec], None] = _nothing  # raise QdoraError for what llama.cpp cannot run
     hparams: Callable[[gguf.GGUFWriter, ModelSpec], None] = _nothing  # the arch's own GGUF keys
     tensors: Callable[[ModelSpec], dict[str, np.ndarray]] = _no_tensors  # generated (rope factors)
-    skip_prefixes: tuple[str, ...] = field(default=())  # checkpoint tensors llama.cpp does not take
 
 
 ARCH_RULES: dict[str, ArchRules] = {
+    # Mixtral is llama.cpp's llama arch with experts: the MoE keys and checks do nothing for dense Llamas
     "llama": ArchRules(gguf.MODEL_ARCH.LLAMA, permute_qk=True, rope_types=("default", "llama3", "linear"),
-                       tensors=gguf_rope.llama3_tensors),
+                       tensors=gguf_rope.llama3_tensors, check=gguf_moe.check_moe, hparams=gguf_moe.moe_hparams),
     "qwen2": ArchRules(gguf.MODEL_ARCH.QWEN2),
     "qwen3": ArchRules(gguf.MODEL_ARCH.QWEN3, write_head_dim=True, check=_no_attention_bias),
+    "qwen3moe": ArchRules(gguf.MODEL_ARCH.QWEN3MOE, write_head_dim=True, check=_qwen3moe_check,
+                          hparams=gguf_moe.moe_hparams),
+    "qwen2moe": ArchRules(gguf.MODEL_ARCH.QWEN2MOE, check=gguf_moe.check_moe, hparams=gguf_moe.moe_hparams),
     "gemma2": ArchRules(gguf.MODEL_ARCH.GEMMA2, hidden_acts=gguf_gemma.GELU_TANH, rope_types=("default",),
                         norm_shift=1.0, always_tied=True, write_head_dim=True,
                         check=gguf_gemma.check_gemma2, hparams=gguf_gemma.gemma2_hparams),

@@ -47,8 +47,9 @@ def _check_common(spec: ModelSpec) -> None:
             f"query_pre_attn_scalar={scalar} is not what llama.cpp uses for a {spec.n_layer}-layer {spec.arch} "
             f"({expected}: {'hidden / heads' if big else 'head_dim'}); its attention would be scaled differently"
         )
-    if not spec.tied_embeddings and spec.arch == "gemma2":
-        raise QdoraError("Gemma 2 with tie_word_embeddings=false: llama.cpp's gemma2 has no separate output matrix")
+    if not spec.tied_embeddings:
+        raise QdoraError(f"{spec.arch} with tie_word_embeddings=false: llama.cpp's Gemma graphs read the "
+                         "output matrix from the token embedding (every Gemma checkpoint ties them)")
 
 
 def check_gemma2(spec: ModelSpec) -> None:

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from qdora.errors import QdoraError
 from qdora.export.gguf_config import ModelSpec
+from qdora.export.gguf_moe import expert_stacks, is_router
 from qdora.io.weights import WeightReader
 
 Q = gguf.GGMLQuantizationType
@@ -50,6 +51,7 @@ class TensorPlan:
     permute_heads: int | None = None  # Q/K rows to reorder from rotate-half to interleaved pairs
     data: np.ndarray | None = None  # for tensors made here
     shift: float = 0.0  # added to the values (Gemma's norms: HF stores w - 1, llama.cpp wants w)
+    parts: tuple[tuple[str, Path], ...] = ()  # MoE: (HF name, file) of each expert, stacked along dim 0
 
     @property
     def nbytes(self) -> int:
@@ -91,9 +93,17 @@ def plan_tensors(spec: ModelSpec, outtype: str) -> list[TensorPlan]:
     files = reader.files
     shapes = {name: reader.shape(name) for name in files}
     tied = spec.tied_embeddings or rules.always_tied
+    stacks = expert_stacks(list(files))
+    first_part = {parts[0]: stack for stack, parts in stacks.items()}
+    in_stack = {p for parts in stacks.values() for p in parts}
     plans = []
     for hf_name in sorted(files, key=_natural_key):
         if hf_name.endswith(_SKIP_SUFFIXES) or (tied and hf_name == "lm_head.weight"):
+            continue
+        if hf_name in in_stack:  # MoE: one stacked tensor per layer and projection, at its first expert
+            if hf_name in first_part:
+                plans.append(_stacked_plan(first_part[hf_name], stacks[first_part[hf_name]], shapes, files,
+                                           name_map, weight_type))
             continue
         name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None or name.startswith(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]):
@@ -105,7 +115,9 @@ def plan_tensors(spec: ModelSpec, outtype: str) -> list[TensorPlan]:
         permute = None
         if spec.permute_qk and (".attn_q." in name or ".attn_k." in name):
             permute = spec.n_head if ".attn_q." in name else spec.n_head_kv
-        qtype = _storage_type(shape, weight_type)
+        if len(shape) == 2 and shape[0] == 1:  # Qwen2-MoE's shared_expert_gate [1, H]: squeezed, as the converter
+            shape = shape[1:]
+        qtype = Q.F32 if is_router(name) else _storage_type(shape, weight_type)
         shift = rules.norm_shift if hf_name.endswith("norm.weight") else 0.0
         plans.append(TensorPlan(name, shape, qtype, hf_name, files[hf_name], permute, shift=shift))
     names = {p.name for p in plans}
@@ -115,6 +127,16 @@ def plan_tensors(spec: ModelSpec, outtype: str) -> list[TensorPlan]:
         raise QdoraError("the checkpoint has no lm_head.weight and tie_word_embeddings is false")
     generated = [TensorPlan(n, d.shape, Q.F32, data=d) for n, d in rules.tensors(spec).items()]
     return generated + plans
+
+
+def _stacked_plan(stack: str, parts: list[str], shapes: dict, files: dict, name_map, weight_type: Q) -> TensorPlan:
+    """One GGUF tensor [E, out, in] written from the E per-expert checkpoint tensors, one after another."""
+    name = name_map.get_name(stack, try_suffixes=(".weight",))
+    part_shapes = {tuple(shapes[p]) for p in parts}
+    if name is None or len(part_shapes) != 1:
+        raise QdoraError(f"the experts of {stack} have no GGUF counterpart or differ in shape")
+    shape = (len(parts), *part_shapes.pop())
+    return TensorPlan(name, shape, _storage_type(shape, weight_type), parts=tuple((p, files[p]) for p in parts))
 
 
 def _natural_key(name: str) -> list[object]:
@@ -170,18 +192,22 @@ def write_tensor_data(
     for p in plans:
         writer.write_padding(fout, fout.tell())  # each tensor starts aligned, as GGUFWriter does
         written = 0
-        with contextlib.ExitStack() as stack:
-            tensor = None if p.data is not None else source(p, stack)
-            for rows in _row_ranges(p, chunk_bytes):
-                data = p.data if tensor is None else tensor[rows].float().numpy()
-                if p.permute_heads:
-                    data = permute_rotary(data, p.permute_heads)
-                if p.shift:
-                    data = data + np.float32(p.shift)
-                encoded = np.ascontiguousarray(_encode(data, p.qtype))
-                fout.write(encoded.data)  # a Python write: a full disk raises OSError(ENOSPC), not numpy's
-                # errno-less "N requested and M written"
-                written += encoded.nbytes
+        # A stacked expert tensor is written expert after expert (rows encode independently, so the bytes
+        # are those of the stacked tensor); anything else is its own single piece.
+        pieces = [TensorPlan(p.name, p.shape[1:], p.qtype, src, file) for src, file in p.parts] or [p]
+        for piece in pieces:
+            with contextlib.ExitStack() as stack:
+                tensor = None if piece.data is not None else source(piece, stack)
+                for rows in _row_ranges(piece, chunk_bytes):
+                    data = piece.data if tensor is None else tensor[rows].float().numpy()
+                    if piece.permute_heads:
+                        data = permute_rotary(data, piece.permute_heads)
+                    if piece.shift:
+                        data = data + np.float32(piece.shift)
+                    encoded = np.ascontiguousarray(_encode(data, piece.qtype))
+                    fout.write(encoded.data)  # a Python write: a full disk raises OSError(ENOSPC), not numpy's
+                    # errno-less "N requested and M written"
+                    written += encoded.nbytes
         if written != p.nbytes:
             raise AssertionError(f"{p.name}: wrote {written} bytes, planned {p.nbytes}")
         writer.write_padding(fout, written)

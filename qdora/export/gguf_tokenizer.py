@@ -3,8 +3,9 @@
 llama.cpp's own converter names the pre-tokenizer by hashing the token ids of a sample text, so it refuses
 any vocabulary it has not seen (a fine-tune that added tokens, a small test tokenizer). The pre-tokenizer
 is a property of the split regex, so qdora reads that regex from tokenizer.json and maps it to the name
-llama.cpp uses to select the same regex. Byte-level BPE (Llama 3, Qwen2) becomes `gpt2`;
-SentencePiece-style BPE with byte fallback (Llama 2, Mistral) becomes `llama`, with scores from merge ranks.
+llama.cpp uses to select the same regex. Byte-level BPE (Llama 3, Qwen2/3, Mistral's Tekken, Phi-4-mini)
+becomes `gpt2`; SentencePiece-style BPE with byte fallback (Llama 2, Mistral 7B, Gemma, Phi-3) becomes
+`llama`, with scores from merge ranks (and no dummy prefix where the tokenizer adds none: Gemma).
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def bpe_pre_name(tokenizer_json: dict[str, Any]) -> str:
     found = f"split regex {regexes[0]!r}" if regexes else f"pre-tokenizer steps {kinds}"
     raise QdoraError(
         f"unrecognised BPE pre-tokenizer: {found}. qdora exports byte-level BPE with the split regex of "
-        "Llama 3 (llama-bpe) or Qwen2 (qwen2), followed by ByteLevel(use_regex=false)"
+        "Llama 3 (llama-bpe), Qwen2 (qwen2), Tekken (tekken) or GPT-4o (gpt-4o), followed by "
+        "ByteLevel(use_regex=false)"
     )
 
 

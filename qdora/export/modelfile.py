@@ -62,6 +62,10 @@ PHI3_GO_TEMPLATE = """{{- range .Messages }}<|{{ .Role }}|>
 """
 PHI3_STOPS = ["<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>"]
 
+# Phi-4-mini: the same markers without newlines (its template is not Phi-3's).
+PHI4_GO_TEMPLATE = """{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>
+{{- end }}<|assistant|>"""
+
 # Mistral Small 3 / Nemo with Tekken (V7): control tokens, no spaces around them.
 TEKKEN_GO_TEMPLATE = """{{- range .Messages }}
 {{- if eq .Role "system" }}[SYSTEM_PROMPT]{{ .Content }}[/SYSTEM_PROMPT]
@@ -77,6 +81,7 @@ TEMPLATES = {
     "inst": (INST_GO_TEMPLATE, INST_STOPS),
     "gemma": (GEMMA_GO_TEMPLATE, GEMMA_STOPS),
     "phi3": (PHI3_GO_TEMPLATE, PHI3_STOPS),
+    "phi4": (PHI4_GO_TEMPLATE, PHI3_STOPS),
     "tekken": (TEKKEN_GO_TEMPLATE, TEKKEN_STOPS),
 }
 
@@ -91,7 +96,7 @@ def chat_format(vocab: VocabInfo) -> str:
     if "<start_of_turn>" in tokens and "<end_of_turn>" in tokens:
         return "gemma"
     if {"<|user|>", "<|assistant|>", "<|end|>"} <= tokens:
-        return "phi3"
+        return "phi4" if vocab.model == "gpt2" else "phi3"  # Phi-4-mini: byte-level BPE, no newlines
     if {"[INST]", "[/INST]", "[SYSTEM_PROMPT]"} <= tokens and vocab.model == "gpt2":
         return "tekken"
     if vocab.model == "llama":

@@ -22,7 +22,14 @@ TEKKEN_REGEX = (  # Mistral Nemo / Small 3 / Ministral (Tekken, tiktoken-based):
     r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+GPT4O_REGEX = (  # Phi-4-mini (o200k, GPT-4o's split): Tekken's cased words with contractions, up to 3 digits
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _CONTRACTIONS
+    + r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _CONTRACTIONS
+    + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 # regex -> llama.cpp's name for the pre-tokenizer that splits with it
-BPE_PRE_TOKENIZERS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", TEKKEN_REGEX: "tekken"}
+BPE_PRE_TOKENIZERS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", TEKKEN_REGEX: "tekken", GPT4O_REGEX: "gpt-4o"}
 # llama.cpp ties BPE's `ignore_merges` (a pre-token found whole in the vocabulary stays whole) to the name.
-LLAMACPP_IGNORES_MERGES = {"llama-bpe": True, "qwen2": False, "tekken": True}
+LLAMACPP_IGNORES_MERGES = {"llama-bpe": True, "qwen2": False, "tekken": True, "gpt-4o": False}

@@ -25,6 +25,7 @@ class WriteFailure(QdoraError):
     def __init__(self, path: str | Path, what: str, reason: str, needed: int | None = None,
                  free: int | None = None, hint: str = ""):
         self.path, self.what, self.reason, self.needed, self.free = Path(path), what, reason, needed, free
+        self.hint = hint
         message = f"cannot write {what} to {path}: {reason}"
         if needed is not None and free is not None:
             message += f" (it needs {human_bytes(needed)}, {human_bytes(free)} free there)"
@@ -33,3 +34,9 @@ class WriteFailure(QdoraError):
         if hint:
             message += f"; {hint}"
         super().__init__(message)
+
+    def with_hint(self, hint: str) -> WriteFailure:
+        """The same failure with `hint` (e.g. the checkpoint to resume from) when it has none yet."""
+        if self.hint:
+            return self
+        return WriteFailure(self.path, self.what, self.reason, self.needed, self.free, hint)

@@ -39,6 +39,8 @@ CASES: dict[str, dict] = {
     "qwen2_yarn": dict(family="qwen2", tokenizer="qwen2", tie_word_embeddings=True,
                        rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                         "original_max_position_embeddings": 64}),
+    # Phi-4-mini shape: 3/4 of each head rotated, tied embeddings, o200k tokenizer.
+    "phi4_mini": dict(family="phi3", tokenizer="phi4", partial_rotary_factor=0.75, tie_word_embeddings=True),
     # Mistral Nemo / Small 3 shape: head_dim 32 != hidden / heads, Tekken tokenizer.
     "mistral_tekken": dict(family="mistral", tokenizer="tekken", head_dim=32),
     # Phi-3.5 / Phi-4-mini style longrope: 4 factors per list (rotary dims 8 / 2). The original context
@@ -52,7 +54,7 @@ CASES: dict[str, dict] = {
 }
 # Families added with the family registry: norms and biases randomised too (HF's 1 and 0 hide mistakes).
 RANDOM_NORMS = {"qwen3", "qwen3_untied", "gemma2", "gemma3", "phi3", "phi3_longrope", "qwen3_yarn",
-                "qwen2_yarn", "mistral_tekken"}
+                "qwen2_yarn", "mistral_tekken", "phi4_mini"}
 
 
 def build_case(name: str, root: Path, **overrides) -> Path:

@@ -3,7 +3,7 @@ Llama 3's or Qwen2's split regex and special tokens, and Llama 2 / Mistral Sente
 
 from __future__ import annotations
 
-from qdora.export.pretokenizers import LLAMA3_REGEX, QWEN2_REGEX, TEKKEN_REGEX
+from qdora.export.pretokenizers import GPT4O_REGEX, LLAMA3_REGEX, QWEN2_REGEX, TEKKEN_REGEX
 from qdora.testing.demo_data import demo_corpus, demo_records
 
 LLAMA3_JINJA_TEMPLATE = (
@@ -76,7 +76,12 @@ TEKKEN_JINJA_TEMPLATE = (
     "{% endfor %}"
 )
 TEKKEN_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
-TOKENIZER_KINDS = ("llama3", "sentencepiece", "qwen2", "gemma", "phi3", "tekken")
+# Phi-4-mini: Phi-3's markers without the newlines, o200k byte-level BPE, no BOS.
+PHI4_JINJA_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+TOKENIZER_KINDS = ("llama3", "sentencepiece", "qwen2", "gemma", "phi3", "tekken", "phi4")
 
 def _training_texts(corpus: list[str] | None) -> list[str]:
     return (corpus or demo_corpus()) + [f"{r['instruction']} {r['output']}" for r in demo_records()]
@@ -251,6 +256,30 @@ def build_tekken_tokenizer(vocab_size: int = 384, corpus: list[str] | None = Non
     return fast
 
 
+def build_phi4_tokenizer(vocab_size: int = 384, corpus: list[str] | None = None, ignore_merges: bool = False):
+    """A Phi-4-mini-style tokenizer: byte-level BPE with GPT-4o's (o200k) split regex, Phi-3's chat markers
+    added at the end of the vocabulary, no BOS."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(GPT4O_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_training_texts(corpus), trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in PHI3_SPECIAL_TOKENS])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = PHI4_JINJA_TEMPLATE
+    return fast
+
+
 def build_tokenizer(kind: str = "llama3"):
     """The tiny tokenizer of one kind: `llama3` (byte-level BPE), `sentencepiece` (Llama 2), `qwen2`."""
     if kind == "llama3":
@@ -263,4 +292,6 @@ def build_tokenizer(kind: str = "llama3"):
         return build_sentencepiece_tokenizer(style=kind)
     if kind == "tekken":
         return build_tekken_tokenizer()
+    if kind == "phi4":
+        return build_phi4_tokenizer()
     raise ValueError(f"unknown tiny tokenizer {kind!r}: choose one of {', '.join(TOKENIZER_KINDS)}")

@@ -56,6 +56,7 @@ from qdora.options import (
     offloads_params,
     select_targets,
 )
+from qdora.tools.plan_experts import Experts, experts_from_config
 
 GIB = 1024**3
 CUDA_CONTEXT_GIB = 0.75  # CUDA 12/13 context + cuBLAS workspace on Hopper/Ada: ~0.5-0.8 GiB (assumed)
@@ -79,6 +80,12 @@ class Shape:
     head_dim: int
     vocab: int
     tied: bool
+    experts: Experts | None = None  # MoE: the sparse MLP (Qwen3-MoE, Mixtral, Qwen2-MoE)
+
+    @property
+    def active_intermediate(self) -> int:
+        """The MLP width a token's activations go through (k routed experts + shared for MoE)."""
+        return self.experts.active_ff() if self.experts else self.intermediate
 
     @property
     def q_dim(self) -> int:
@@ -89,15 +96,35 @@ class Shape:
         return self.kv_heads * self.head_dim
 
     def linear_paths(self) -> list[str]:
-        """Module paths of every decoder-block linear, as a Llama checkpoint names them (for --target)."""
-        return [f"model.layers.{n}.{'self_attn' if name.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}"
-                f".{name}" for n in range(self.layers) for name in self.linears()]
+        """Module paths of every decoder-block linear, as a Llama checkpoint names them (for --target); for
+        MoE also the fused expert parameters (`mlp.experts.gate_up_proj`, `--target experts`)."""
+        mlp = "mlp.shared_expert" if self.experts else "mlp"
+        paths = [f"model.layers.{n}.{'self_attn' if name.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else mlp}"
+                 f".{name}" for n in range(self.layers) for name in self.linears()]
+        if self.experts:
+            paths += [f"model.layers.{n}.mlp.experts.{p}" for n in range(self.layers) for p in ("gate_up_proj",
+                                                                                                  "down_proj")]
+        return paths
 
     def linears(self) -> dict[str, tuple[int, int]]:
-        """(out, in) of every linear of one decoder layer."""
+        """(out, in) of every linear of one decoder layer (MoE: attention and the shared expert; the
+        experts are `experts.weights`)."""
         h, i = self.hidden, self.intermediate
-        return {"q_proj": (self.q_dim, h), "k_proj": (self.kv_dim, h), "v_proj": (self.kv_dim, h),
-                "o_proj": (h, self.q_dim), "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+        attn = {"q_proj": (self.q_dim, h), "k_proj": (self.kv_dim, h), "v_proj": (self.kv_dim, h),
+                "o_proj": (h, self.q_dim)}
+        if self.experts:
+            s = self.experts.shared_ff
+            return attn | ({"gate_proj": (s, h), "up_proj": (s, h), "down_proj": (h, s)} if s else {})
+        return attn | {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+    def block_weights(self) -> list[tuple[int, int]]:
+        """(out, in) of every NF4 weight of one layer: the linears, and for MoE every expert's."""
+        return list(self.linears().values()) + (self.experts.weights(self.hidden) if self.experts else [])
+
+    def dequantized_matrices(self) -> list[tuple[int, int]]:
+        """(out, in) of what is ever dequantized at once: a linear, or one expert's fused gate_up / down."""
+        extra = list(self.experts.fused(self.hidden).values()) if self.experts else []
+        return list(self.linears().values()) + extra
 
 
 @dataclass
@@ -136,6 +163,10 @@ class MemoryPlan:
             f"lm_head {d['root_frozen'] / GIB:.2f} GiB; input embedding {embed})",
             f"  adapters+grads+optim    {g(self.adapters)}   ({d['adapter_params']:,} params x "
             f"{d['adapter_bytes_per_param']} B)",
+            *([f"  experts                 {e['count']} per layer, all resident in NF4 "
+               f"({e['nf4_bytes_total'] / GIB:.2f} GiB before sharding, in the base above); {e['top_k']} routed "
+               f"per token: activations of {e['active_ff']} FFN columns per token, not {e['count'] * e['ff']}"]
+              if (e := d.get("experts")) else []),
             f"  checkpointed hiddens    {g(self.checkpoints)}"
             + ("   (offloaded to pinned host memory; 3 in flight)" if offloads_activations(s["offload"]) else ""),
             f"  layer recompute         {g(self.recompute)}",
@@ -177,10 +208,21 @@ def shape_from_config(config) -> Shape:
     kv = d.get("num_key_value_heads") or heads
     head_dim = d.get("head_dim") or d["hidden_size"] // heads
     s = Shape(d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"], heads, kv, head_dim,
-              d["vocab_size"], bool(d.get("tie_word_embeddings", False)))
+              d["vocab_size"], bool(d.get("tie_word_embeddings", False)), experts_from_config(d))
     if min(s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.head_dim, s.vocab) < 1:
         raise QdoraError(f"model config has a non-positive size: {s}")
     return s
+
+
+PLANNED_TRAIN_OPTIONS = ("model", "revision", "seq_len", "rank", "micro_batch", "method", "offload", "target")
+
+
+def train_settings(config_file: str | Path) -> dict:
+    """The options of a `qdora train` YAML that memory depends on (the file is checked as `qdora train` would)."""
+    from qdora.train.config import read_yaml, resolve_config
+
+    cfg = resolve_config(read_yaml(config_file), {}).to_dict()
+    return {k: cfg[k] for k in PLANNED_TRAIN_OPTIONS if cfg.get(k) is not None}
 
 
 def load_config(model: str, revision: str | None = None):
@@ -218,10 +260,17 @@ def nf4_bytes(out_f: int, in_f: int, double_quant: bool = True) -> tuple[int, in
 
 
 def adapter_param_count(shape: Shape, rank: int, method: str, paths: list[str]) -> int:
-    """Adapter parameters on the linears at `paths` (Shape.linear_paths)."""
+    """Adapter parameters on the linears at `paths` (Shape.linear_paths); an expert parameter has one
+    adapter per expert."""
     linears = shape.linears()
-    return sum(rank * (i + o) + (o if method == "dora" else 0)
-               for o, i in (linears[p.rsplit(".", 1)[-1]] for p in paths))
+    fused = shape.experts.fused(shape.hidden) if shape.experts else {}
+    total = 0
+    for p in paths:
+        leaf = p.rsplit(".", 1)[-1]
+        is_expert = ".experts." in p and leaf in fused
+        o, i = fused[leaf] if is_expert else linears[leaf]
+        total += (shape.experts.count if is_expert else 1) * (rank * (i + o) + (o if method == "dora" else 0))
+    return total
 
 
 def layer_recompute_bytes(shape: Shape, tokens: int, method: str, act_bytes: int = 2) -> int:
@@ -236,9 +285,11 @@ def layer_recompute_bytes(shape: Shape, tokens: int, method: str, act_bytes: int
     and two H-sized residual gradients; for dora also gate's and up's pre-scale outputs. x·Aᵀ (T·r) is
     ignored. Checked against live-tensor measurements on CPU (tests/test_plan.py).
     """
-    t, h, q, k, i = tokens, shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
+    t, h, q, k, i = tokens, shape.hidden, shape.q_dim, shape.kv_dim, shape.active_intermediate
     attn = h + (q + k) + k + 2 * q
     mlp = h + 3 * i + 3 * i + 2 * h
+    if shape.experts:  # MoE: each token's input and output copied for each of its k experts
+        mlp += 2 * shape.experts.top_k * h
     if method == "dora":
         attn += (q + 2 * k) + h
         mlp += 2 * i
@@ -310,7 +361,7 @@ def plan_memory(
     sharded = gpus > 1 or offload_params
 
     shardable = replicated = 0
-    for o, i in shape.linears().values():
+    for o, i in shape.block_weights():
         sh, rep = nf4_bytes(o, i)
         shardable += sh
         replicated += rep
@@ -318,6 +369,8 @@ def plan_memory(
     shardable *= shape.layers
     replicated *= shape.layers
     layer_norms = 2 * shape.layers * shape.hidden * dtype_bytes
+    if shape.experts:  # the routers (and Qwen2-MoE's shared-expert gate) stay in the compute dtype
+        layer_norms += shape.layers * (shape.experts.count + 1) * shape.hidden * dtype_bytes
     root, host_embed = root_bytes(shape, embeddings, lm_head, dtype_bytes)
     # FSDP2 keeps the root group gathered from forward through backward: the full root on every GPU,
     # plus this rank's shard of it (on the host with parameter offload).
@@ -338,7 +391,7 @@ def plan_memory(
         logits = nf4_head_loss_bytes(shape, tokens, dtype_bytes=dtype_bytes)
     else:
         logits = LOSS_CHUNK_COPIES * 4 * min(loss_chunk, tokens) * shape.vocab
-    largest = max(o * i for o, i in shape.linears().values())
+    largest = max(o * i for o, i in shape.dequantized_matrices())
     dequantized = largest * dtype_bytes
     transient = dequantized + (2 * layer_nf4 if sharded else 0)
 
@@ -356,6 +409,11 @@ def plan_memory(
                    adapter_bytes_per_param=per_param, checkpoint_per_layer=boundary,
                    largest_dequantized=largest * dtype_bytes, layer_nf4=layer_nf4, host_bytes_per_rank=host,
                    cuda_context_gib=CUDA_CONTEXT_GIB, fragmentation=FRAGMENTATION)
+    if shape.experts:
+        e = shape.experts
+        expert_nf4 = sum(nf4_bytes(o, i)[0] for o, i in e.weights(shape.hidden)) * shape.layers
+        details["experts"] = dict(count=e.count, top_k=e.top_k, ff=e.ff, shared_ff=e.shared_ff,
+                                  nf4_bytes_total=expert_nf4, active_ff=e.active_ff())
     plan = MemoryPlan(base, adapters, checkpoints, recompute, logits, transient, overhead, allocated, total,
                       int(gpu_mem_gib * GIB), total <= gpu_mem_gib * GIB, settings, details)
     if not plan.fits and suggest:

@@ -121,7 +121,7 @@ def save_checkpoint(
     tmp = out / f".{PREFIX}{step}.tmp"
     # A full disk or lost permission: one message naming the checkpoint and the last good one to resume
     # from, and the temporary folder removed (a checkpoint is complete or absent).
-    with writing(final, f"checkpoint {step}", hint=resume_hint(out)):
+    with writing(final, f"checkpoint {step}", _tensor_bytes(adapter_state, optimizer_state), resume_hint(out)):
         try:
             if dist_.main:
                 if tmp.exists():
@@ -142,6 +142,20 @@ def save_checkpoint(
             raise
     dist_.barrier()
     return final
+
+
+def _tensor_bytes(*states: Any) -> int:
+    """Bytes of every tensor in nested dicts/lists: what a checkpoint needs on disk, give or take its JSON."""
+    total, todo = 0, list(states)
+    while todo:
+        x = todo.pop()
+        if torch.is_tensor(x):
+            total += x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            todo.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            todo.extend(x)
+    return total
 
 
 def resume_hint(output: str | Path) -> str:

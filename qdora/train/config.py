@@ -63,7 +63,8 @@ class TrainConfig:
     alpha: float = _opt(16.0, "Adapter alpha (scale alpha/r, or alpha/sqrt(r) with --rslora).")
     rslora: bool = _opt(False, "rsLoRA scaling alpha/sqrt(r).", flag=True)
     dropout: float = _opt(0.0, "Dropout on the adapter's input.")
-    target: str = _opt("all-linear", "Modules to adapt: all-linear, comma-separated names (q_proj,v_proj), or a regex.")
+    target: str = _opt("all-linear", "Modules to adapt: all-linear, names (q_proj or q_proj,v_proj), or a regex on "
+                                     "whole module paths (model.layers.0.mlp.up_proj).")
     lr: float = _opt(2e-4, "Peak learning rate (AdamW).")
     scheduler: str = _opt("cosine", "LR schedule after warmup: cosine, linear (both decay to 0) or constant.")
     warmup_steps: int = _opt(0, "Linear warmup steps from 0 to --lr.")

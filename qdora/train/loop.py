@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qdora.errors import QdoraError
-from qdora.io.os_errors import as_write_failure
+from qdora.errors import QdoraError, doing
+from qdora.io.failures import WriteFailure
+from qdora.io.os_errors import as_write_failure, writing
 from qdora.train.checkpoint import resume_hint
 from qdora.train.config import TrainConfig
 from qdora.train.distributed import Dist, setup_distributed, teardown_distributed
@@ -89,6 +90,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     try:
         with ExitStack() as stack:  # closes the trackers' run as failed if the run raises
             return _run(cfg, d, stack)
+    except WriteFailure as e:  # a full disk or lost permission: say what the run can continue from
+        failure = e.with_hint(resume_hint(cfg.output))
+        if failure is e:
+            raise
+        raise failure from e
     except QdoraError:
         raise
     except torch.OutOfMemoryError as e:
@@ -108,14 +114,18 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _run(cfg: TrainConfig, d: Dist, stack: ExitStack) -> TrainResult:
-    s, tokenizer = check_inputs(cfg, d)
-    setup_data(s, tokenizer)
+    with doing("checking the inputs"):
+        s, tokenizer = check_inputs(cfg, d)
+    with doing("preparing the data"):
+        setup_data(s, tokenizer)
     lock = RunLock(s.out, enabled=d.main)  # one run per OUTPUT; rank 0 holds it for all ranks
     try:
         _lock(lock, d)
-        setup_model(s)
+        with doing("loading the model"):
+            setup_model(s)
         if d.main:
-            (s.out / "train_config.yaml").write_text(cfg.to_yaml(resolved=s.provenance))
+            with writing(s.out / "train_config.yaml", "the run's config"):
+                (s.out / "train_config.yaml").write_text(cfg.to_yaml(resolved=s.provenance))
         d.barrier()
         setup_optimizer(s)
         torch.manual_seed(cfg.seed + d.rank)  # dropout masks (a resumed run restores the saved generators)
@@ -176,7 +186,8 @@ def _loop(s: RunState, stack: ExitStack) -> TrainResult:
             micro_batches = _next_batches(batches, cfg.grad_accum)
             if not micro_batches:
                 break
-            done = train_step(s, micro_batches, report=_reported(s, s.step + 1))
+            with doing(f"training step {s.step + 1}"):
+                done = train_step(s, micro_batches, report=_reported(s, s.step + 1))
             if done.loss is not None:
                 result.losses[s.step] = done.loss
             window_tokens += done.input_tokens

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from qdora.io.os_errors import writing
 from qdora.train.reporters import Reporter, metric_name
 
 
@@ -56,7 +57,7 @@ class Metrics:
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with writing(self.path, "the metrics log"), self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         scalars = {metric_name(k): float(v) for k, v in row.items()
                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qdora.core.adapter_io import adapter_state_dict, save_adapter
+from qdora.errors import doing
 from qdora.train.checkpoint import save_checkpoint
 from qdora.train.distributed import optimizer_state
 from qdora.train.state import RunState
@@ -21,8 +22,9 @@ def save(s: RunState) -> Path:
     trainer = {"scheduler": s.scheduler.state_dict(), "data": s.batches.state_dict(),
                "scaler": s.scaler.state_dict() if s.scaler is not None else None,
                "spike": s.spike.state_dict(), "config": s.cfg.to_dict()}
-    s.last_checkpoint = save_checkpoint(s.out, s.step, s.dist, s.spec, adapter, optimizer, trainer, s.base_model,
-                                        s.cfg.keep, s.provenance)
+    with doing(f"writing checkpoint {s.step}"):
+        s.last_checkpoint = save_checkpoint(s.out, s.step, s.dist, s.spec, adapter, optimizer, trainer,
+                                            s.base_model, s.cfg.keep, s.provenance)
     return s.last_checkpoint
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qdora.core.adapt import AdapterSpec, adapt_model, adapter_layers, find_targets
+from qdora.core.adapt import AdapterSpec, adapt_model, adapter_layers, find_targets, layer_seed
 from qdora.core.layer import QDoRALinear
 from qdora.errors import QdoraError
 from qdora.testing.oracle import bnb_quantized_model, oracle_logits
@@ -110,3 +110,20 @@ def test_bad_spec_values():
         AdapterSpec(method="ia3")
     with pytest.raises(QdoraError, match="rank"):
         AdapterSpec(r=0)
+
+
+def test_adapt_model_init_is_the_seeded_initial_adapter(tiny_llama_dir):
+    """One init: layer i starts from initial_adapter(layer_seed(seed, i)), whatever the global RNG did."""
+    spec = AdapterSpec(r=4, adapter_dtype="float32")
+    models = []
+    for torch_seed, seed in ((1, 0), (2, 0), (1, 5)):
+        torch.manual_seed(torch_seed)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        adapt_model(model, spec, seed=seed)
+        models.append(adapter_layers(model))
+    a, b, c = models
+    for i, (path, layer) in enumerate(a.items()):
+        expected = layer.initial_adapter(layer_seed(0, i))
+        for name, t in layer.adapter_tensors().items():
+            assert torch.equal(t, expected[name]) and torch.equal(b[path].adapter_tensors()[name], t), (path, name)
+        assert not torch.equal(c[path].lora_A, layer.lora_A)  # another seed, another adapter

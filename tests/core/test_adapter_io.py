@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -35,8 +36,14 @@ def test_peft_loads_our_adapter_with_the_same_logits(tiny_llama_dir, tmp_path, m
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["use_dora"] == (method == "dora") and cfg["peft_type"] == "LORA" and cfg["r"] == 4
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    own = json.loads((out / "qdora_adapter.json").read_text())  # qdora's record lives beside PEFT's config
+    assert own["quant_type"] == "nf4" and own["adapter_dtype"] == "float32" and "qdora" not in cfg
 
-    peft_model = PeftModel.from_pretrained(bnb_quantized_model(tiny_llama_dir), out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(bnb_quantized_model(tiny_llama_dir), out)
+    unexpected = [str(w.message) for w in caught if "Unexpected keyword arguments" in str(w.message)]
+    assert not unexpected, unexpected  # PEFT knows every key of our adapter_config.json
     ids = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
         ours = model(ids).logits

@@ -91,3 +91,27 @@ def test_train_plan_merge_refuse_before_writing(tmp_path):
 def test_image_text_gemma3_refused_with_the_way_out():
     with pytest.raises(QdoraError, match=r"Gemma 3 image-text.*cannot be trained.*gemma3_text"):
         check_family({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}})
+
+
+def test_allow_no_export_lets_train_go_on(tiny_llama_dir, tmp_path):
+    """A family that trains and merges but does not export: refused by `qdora train` and `qdora plan` (exit
+    1, nothing written) unless --allow-no-export, then trained with a warning."""
+    from qdora.core import families as registry
+
+    original = registry._REGISTRY["llama"]
+    register(Family("llama", "Llama (export switched off for this test)", missing="no GGUF arch here"))
+    try:
+        runner = CliRunner()
+        out = tmp_path / "run"
+        args = ["train", "--model", str(tiny_llama_dir), "--data", str(chat_data(tmp_path)), "--output", str(out),
+                "--max-steps", "1", "--seq-len", "64", "--rank", "4", "--dtype", "fp32", "--device", "cpu"]
+        res = runner.invoke(main, args)
+        assert res.exit_code == 1 and "--allow-no-export" in res.output and not out.exists()
+        assert runner.invoke(main, ["plan", "--model", str(tiny_llama_dir)]).exit_code == 1
+        planned = runner.invoke(main, ["plan", "--model", str(tiny_llama_dir), "--allow-no-export"])
+        assert "Error" not in planned.output and "GiB" in planned.output, planned.output
+        res = runner.invoke(main, [*args, "--allow-no-export"])
+        assert res.exit_code == 0, res.output
+        assert (out / "adapter_model.safetensors").is_file()
+    finally:
+        register(original)

@@ -94,3 +94,19 @@ def test_adapter_of_another_base_refused_before_writing(cases, tmp_path):
                                        "--output", str(out / "m.gguf")])
     assert result.exit_code == 1 and "does not fit" in result.output, result.output
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "tokenizer", "method", "target"), [
+    ("qwen3_moe", "qwen2", "dora", "all-linear,experts"),
+    ("qwen2_moe", "qwen2", "lora", "all-linear,experts"),  # shared expert and its [1, H] gate
+])
+def test_mixture_of_experts_byte_identical(tmp_path, family, tokenizer, method, target):
+    """Experts are merged one checkpoint tensor at a time and stacked while writing, as in two steps."""
+    from qdora.testing.tiny_models import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "base", family=family, tokenizer=tokenizer, seed=1, initializer_range=0.2)
+    adapter = make_adapter(base, tmp_path / "adapters" / "moe", method, target=target)
+    ref = merge_then_export(adapter, tmp_path)
+    out = export_adapter_gguf(adapter, tmp_path / "one.gguf")
+    assert out.read_bytes() == ref.read_bytes()

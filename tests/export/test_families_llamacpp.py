@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FAMILY_CASES = ["qwen3", "qwen3_untied", "qwen3_yarn", "qwen2_yarn", "gemma2", "gemma3", "phi3", "phi3_longrope",
-                "mistral_tekken"]
+                "phi4_mini", "mistral_tekken"]
 REL_TOL = {"gemma2": 1e-3, "gemma3": 1e-3}  # llama.cpp's fp16 GELU table (module docstring)
 LONG_PROMPT = "The red cat sees the owl near the river and the fox counts forty two stars in the night sky"
 

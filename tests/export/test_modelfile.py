@@ -48,7 +48,8 @@ CONVERSATION = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["llama", "qwen2", "mistral_spm", "qwen3", "gemma3", "phi3", "mistral_tekken"])
+@pytest.mark.parametrize("case", ["llama", "qwen2", "mistral_spm", "qwen3", "gemma3", "phi3", "phi4_mini",
+                                  "mistral_tekken"])
 def test_go_template_renders_like_the_hf_chat_template(tmp_path, case):
     from transformers import AutoTokenizer
 

@@ -119,9 +119,9 @@ def test_cli(tmp_path):
     r = CliRunner().invoke(main, ["plan", "--model", "llama-3-70b", "--gpus", "2", "--gpu-mem", "24"])
     assert r.exit_code == 1 and "does not fit" in r.output and "fits with --offload" in r.output
     r = CliRunner().invoke(main, ["plan", "--model", str(tmp_path / "nope"), "--gpus", "2"])
-    assert r.exit_code != 0 and "no such model" in r.output
+    assert r.exit_code == 1 and "no such model" in r.output
     r = CliRunner().invoke(main, ["plan", "--model", "8b", "--seq-len", "0"])
-    assert r.exit_code != 0 and "seq_len" in r.output
+    assert r.exit_code == 1 and "seq_len" in r.output
 
 
 @pytest.mark.slow

@@ -102,3 +102,17 @@ def test_two_ranks_clip_and_log_the_norm_like_one_process(tiny_llama_dir, tmp_pa
         assert abs(two[step]["loss"] - loss) <= 1e-5 * abs(loss), (step, two[step], loss)
         assert ref[step]["grad_norm"] > 0.05  # the limit is active
         assert abs(two[step]["grad_norm"] - ref[step]["grad_norm"]) <= 1e-4 * ref[step]["grad_norm"]
+
+
+def test_two_ranks_resume_exactly_with_dropout_and_accumulation(tiny_llama_dir, tmp_path):
+    """Each rank's RNG file (JSON) restores its own dropout masks: the resumed sharded run repeats the
+    uninterrupted one's losses exactly."""
+    data = alpaca_data(tmp_path)
+    common = ["--model", str(tiny_llama_dir), "--data", str(data), "--max-steps", "4", "--seq-len", "128",
+              "--rank", "4", "--alpha", "8", "--lr", "1e-2", "--dtype", "fp32", "--device", "cpu", "--micro-batch", "1",
+              "--grad-accum", "2", "--dropout", "0.1", "--save-every", "2", "--keep", "0"]
+    torchrun(*common, "--output", str(tmp_path / "straight"))
+    straight = {r["step"]: r["loss"] for r in metrics(tmp_path / "straight")}
+    torchrun(*common, "--output", str(tmp_path / "resumed"), "--resume", str(tmp_path / "straight" / "checkpoint-2"))
+    resumed = {r["step"]: r["loss"] for r in metrics(tmp_path / "resumed")}
+    assert resumed == {3: straight[3], 4: straight[4]}

@@ -25,7 +25,7 @@ def run(model, data, out, *extra):
 
 
 def assert_refused(result, out, match: str):
-    assert result.exit_code != 0
+    assert result.exit_code == 1, result.output  # bad input: exit status 1
     assert "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, result.output
@@ -88,7 +88,7 @@ def test_existing_output_and_missing_checkpoint(tiny_llama_dir, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     result = run(tiny_llama_dir, data, out)
-    assert result.exit_code != 0 and "already holds files" in result.output
+    assert result.exit_code == 1 and "already holds files" in result.output
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
