@@ -81,6 +81,7 @@ class Shape:
     vocab: int
     tied: bool
     experts: Experts | None = None  # MoE: the sparse MLP (Qwen3-MoE, Mixtral, Qwen2-MoE)
+    fused: bool = False  # Phi-3: one qkv_proj and one gate_up_proj per layer instead of q/k/v and gate/up
 
     @property
     def active_intermediate(self) -> int:
@@ -99,7 +100,8 @@ class Shape:
         """Module paths of every decoder-block linear, as a Llama checkpoint names them (for --target); for
         MoE also the fused expert parameters (`mlp.experts.gate_up_proj`, `--target experts`)."""
         mlp = "mlp.shared_expert" if self.experts else "mlp"
-        paths = [f"model.layers.{n}.{'self_attn' if name.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else mlp}"
+        attention = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+        paths = [f"model.layers.{n}.{'self_attn' if name in attention else mlp}"
                  f".{name}" for n in range(self.layers) for name in self.linears()]
         if self.experts:
             paths += [f"model.layers.{n}.mlp.experts.{p}" for n in range(self.layers) for p in ("gate_up_proj",
@@ -110,6 +112,9 @@ class Shape:
         """(out, in) of every linear of one decoder layer (MoE: attention and the shared expert; the
         experts are `experts.weights`)."""
         h, i = self.hidden, self.intermediate
+        if self.fused:
+            return {"qkv_proj": (self.q_dim + 2 * self.kv_dim, h), "o_proj": (h, self.q_dim),
+                    "gate_up_proj": (2 * i, h), "down_proj": (h, i)}
         attn = {"q_proj": (self.q_dim, h), "k_proj": (self.kv_dim, h), "v_proj": (self.kv_dim, h),
                 "o_proj": (h, self.q_dim)}
         if self.experts:
@@ -208,7 +213,8 @@ def shape_from_config(config) -> Shape:
     kv = d.get("num_key_value_heads") or heads
     head_dim = d.get("head_dim") or d["hidden_size"] // heads
     s = Shape(d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"], heads, kv, head_dim,
-              d["vocab_size"], bool(d.get("tie_word_embeddings", False)), experts_from_config(d))
+              d["vocab_size"], bool(d.get("tie_word_embeddings", False)), experts_from_config(d),
+              fused=d.get("model_type") == "phi3")
     if min(s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads, s.head_dim, s.vocab) < 1:
         raise QdoraError(f"model config has a non-positive size: {s}")
     return s

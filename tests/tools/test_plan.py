@@ -173,3 +173,22 @@ def test_each_memory_mode_moves_its_term(shape70):
         "adapter_bytes_per_param"] == 6
     with pytest.raises(QdoraError, match="lm-head"):
         plan_memory(shape70, lm_head="int8")
+
+
+@pytest.mark.parametrize("family", ["phi3", "qwen3", "gemma3_text"])
+def test_adapter_count_matches_the_model_per_family(tmp_path, family):
+    """The planner's linears are the family's: Phi-3's fused qkv_proj / gate_up_proj, Qwen3's and Gemma's
+    head_dim != hidden / heads; its adapter count equals the parameters qdora really adds."""
+    import torch
+
+    from qdora.core.adapt import AdapterSpec, adapter_layers
+    from qdora.core.load import build_meta_model
+    from qdora.testing.tiny_models import build_tiny_model
+    from qdora.tools.plan import adapter_param_count
+
+    model_dir = build_tiny_model(tmp_path / family, family=family)
+    shape = shape_from_config(json.loads((model_dir / "config.json").read_text()))
+    model, _ = build_meta_model(model_dir, AdapterSpec(method="dora", r=4, alpha=8.0), torch.float32)
+    actual = sum(getattr(layer, n).numel() for layer in adapter_layers(model).values()
+                 for n in ("lora_A", "lora_B", "magnitude"))
+    assert adapter_param_count(shape, 4, "dora", shape.linear_paths()) == actual
