@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from qdora.core.adapt import AdapterSpec, AdaptReport, adapt_model, adapter_layers, layer_seed
+from qdora.core.host_embedding import HostEmbedding
 from qdora.core.layer import NF4Linear, QDoRALinear
 from qdora.core.moe_families import moe_family_of
 from qdora.core.nf4 import NF4Weight, nf4_from_weight
@@ -188,6 +189,7 @@ def load_weights(model: nn.Module, model_dir: str | Path, device: torch.device |
     loaded: set[str] = set()
     unknown: list[str] = []
     embed_key = None
+    host_embedding = next((m for m in modules.values() if isinstance(m, HostEmbedding)), None)
     family = moe_family_of(model)
     for ckpt_name, read in iter_checkpoint(reader):
         name = family.to_model(ckpt_name) if family is not None else ckpt_name
@@ -205,6 +207,9 @@ def load_weights(model: nn.Module, model_dir: str | Path, device: torch.device |
                 loaded.add(name)
             else:
                 unknown.append(name)
+        elif isinstance(module, HostEmbedding) and leaf == "weight":  # the input embedding kept on the host
+            module.set_table(read())
+            loaded.add(name)
         elif isinstance(module, NF4Weight) and leaf == "weight":  # one expert's projection (NF4Experts)
             fill_nf4(module, read(), device)
             loaded.update(f"{owner}.{p}" for p in ("packed", "absmax"))
@@ -227,10 +232,24 @@ def load_weights(model: nn.Module, model_dir: str | Path, device: torch.device |
     if unknown:
         log.warning("ignored %d checkpoint tensors the model does not have (e.g. %s)", len(unknown), unknown[0])
     head = getattr(model, "lm_head", None)
-    if isinstance(head, nn.Linear) and "lm_head.weight" not in loaded and embed_key is not None:
-        if head.weight is not params[embed_key]:  # tie lost by to_empty/sharding: copy (the head is frozen)
-            fill_param(head.weight, whole(params[embed_key]))
+    tied = not {"lm_head.weight", "lm_head.base.packed"} & loaded  # the checkpoint has no head of its own
+    if tied and host_embedding is not None and host_embedding.weight.device.type != "meta":
+        embed = host_embedding.weight  # the table on the host (frozen: a copy is as good as a tie)
+    elif tied and embed_key is not None:
+        embed = None if head is not None and getattr(head, "weight", None) is params[embed_key] \
+            else whole(params[embed_key])
+        if embed is None:  # still tied (no sharding, no to_empty copy): nothing to fill
+            loaded.add("lm_head.weight")
+    else:
+        embed = None
+    if embed is not None and isinstance(head, NF4Linear):
+        fill_nf4(head.base, embed, device)
+        loaded.update(f"lm_head.base.{p}" for p in ("packed", "absmax"))
+    elif embed is not None and isinstance(head, nn.Linear):
+        fill_param(head.weight, embed)
         loaded.add("lm_head.weight")
+    if host_embedding is not None and host_embedding.weight.device.type == "meta":
+        raise QdoraError(f"{model_dir}: the checkpoint has no input embedding")
     adapter_names = {f"{p}.{a}" for p, layer in adapter_layers(model).items() for a in layer.adapter_tensors()}
     missing = [n for n in params if n not in loaded and n not in adapter_names]
     if missing:

@@ -17,9 +17,14 @@ from qdora.errors import QdoraError
 from qdora.options import (
     DATA_FORMAT,
     DTYPE,
+    EMBEDDINGS,
+    LM_HEAD,
     METHOD,
     OFFLOAD,
+    ON_SPIKE,
+    OPTIM,
     SCHEDULER,
+    TRAIN_ADAPTER_DTYPE,
     offloads_activations,
     offloads_params,
     parse_target,
@@ -28,7 +33,9 @@ from qdora.options import (
 )
 
 # The options of TrainConfig that take one of a fixed set of values (qdora/options.py checks them).
-CHOICES = {"method": METHOD, "scheduler": SCHEDULER, "format": DATA_FORMAT, "offload": OFFLOAD, "dtype": DTYPE}
+CHOICES = {"method": METHOD, "scheduler": SCHEDULER, "format": DATA_FORMAT, "offload": OFFLOAD, "dtype": DTYPE,
+           "adapter_dtype": TRAIN_ADAPTER_DTYPE, "optim": OPTIM, "lm_head": LM_HEAD, "embeddings": EMBEDDINGS,
+           "on_spike": ON_SPIKE}
 
 
 RESOLVED_KEY = "resolved"  # train_config.yaml's record of resolved revisions; not an option
@@ -81,7 +88,21 @@ class TrainConfig:
     seed: int = _opt(0, "Seed for adapter init, data order, dropout.")
     offload: str = _opt("none", "CPU offload: none, activations (saved tensors), params (FSDP2 CPUOffloadPolicy), all.")
     gradient_checkpointing: bool = _opt(True, "Recompute each decoder layer in backward (non-reentrant).", flag=True)
-    dtype: str = _opt("bf16", "Compute dtype: bf16, fp16 or fp32 (adapters and optimizer stay fp32).")
+    dtype: str = _opt("bf16", "Compute dtype: bf16, fp16 or fp32 (adapters: see --adapter-dtype).")
+    adapter_dtype: str = _opt("fp32", "Adapter weights, gradients and AdamW states: fp32 (master weights) or bf16 "
+                                      "(half the memory; updates below bf16 resolution are lost).")
+    optim: str = _opt("adamw", "Optimizer: adamw (torch; fused on CUDA), adamw8bit or paged_adamw8bit "
+                               "(bitsandbytes 8-bit states, one process; paged pages only on CUDA).")
+    max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this once per optimizer step, after "
+                                     "accumulation (0 = off; the norm is logged either way).")
+    spike_factor: float = _opt(0.0, "A loss above this many times the median of the last 20 good steps is a "
+                                    "spike (0 = off; NaN/inf always stops); see --on-spike.")
+    on_spike: str = _opt("warn", "On a loss spike: warn (naming the step and the last good checkpoint) or stop "
+                                 "before that update.")
+    lm_head: str = _opt("dense", "Frozen lm_head: dense (compute dtype) or nf4 (4x smaller; the loss walks the "
+                                 "vocabulary in slices; the merged model keeps the original head).")
+    embeddings: str = _opt("host", "Input embedding: host (lookup on the CPU; only the rows used reach the GPU) "
+                                   "or device.")
     device: str = _opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK).")
     log_every: int = _opt(1, "Log (metrics.jsonl, progress bar) every N steps.")
     report_to: str = _opt("none", "Also log to trackers: none, all, or any of tensorboard (OUTPUT/tensorboard), "
@@ -113,6 +134,10 @@ class TrainConfig:
             raise QdoraError(f"--keep must be >= 0, not {self.keep}")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise QdoraError("--lr must be > 0, --weight-decay and --warmup-steps >= 0")
+        if self.max_grad_norm < 0 or self.spike_factor < 0:
+            raise QdoraError("--max-grad-norm and --spike-factor must be >= 0 (0 turns them off)")
+        if 0 < self.spike_factor <= 1:
+            raise QdoraError(f"--spike-factor {self.spike_factor} would flag ordinary steps: use a factor > 1")
         if not 0.0 <= self.dropout < 1.0:
             raise QdoraError(f"--dropout must be in [0, 1), not {self.dropout}")
         return self

@@ -238,6 +238,10 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     state under FSDP2, the others an empty one)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    from qdora.train.optim import bnb_state_dict, is_bnb
+
+    if is_bnb(optimizer):  # bitsandbytes 8-bit AdamW (unsharded runs only)
+        return bnb_state_dict(model, optimizer)
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -245,6 +249,11 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     """Inverse of `optimizer_state`: every rank passes the whole state and keeps its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    from qdora.train.optim import is_bnb, load_bnb_state_dict
+
+    if is_bnb(optimizer):
+        load_bnb_state_dict(model, optimizer, state)
+        return
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     missing = [n for n in names if n not in state["state"]]
     if missing:

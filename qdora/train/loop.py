@@ -191,15 +191,18 @@ def _loop(s: RunState, stack: ExitStack) -> TrainResult:
             if done.loss is not None:
                 result.losses[s.step] = done.loss
             window_tokens += done.input_tokens
+            if done.spike:  # --on-spike warn: say so above the bar and in the log, and carry on
+                metrics.write(f"qdora: WARNING {done.spike}")
             extra = {}
             if s.eval_batches is not None and (cfg.eval_every and s.step % cfg.eval_every == 0
                                                or s.step == s.total_steps):
                 extra["eval_loss"] = evaluate(s)
             if s.step % cfg.log_every == 0 or s.step == s.total_steps or extra:
                 now = time.perf_counter()
-                metrics.log({"step": s.step, "loss": done.loss, "lr": done.lr,
+                metrics.log({"step": s.step, "loss": done.loss, "grad_norm": done.grad_norm, "lr": done.lr,
                              "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                             "peak_mem_gb": peak_memory_gb(d.device), "epoch": s.batches.epoch, **extra})
+                             "peak_mem_gb": peak_memory_gb(d.device), "epoch": s.batches.epoch,
+                             **({"spike": True} if done.spike else {}), **extra})
                 window_tokens, window_start = 0, now
             metrics.advance()
             if cfg.save_every and s.step % cfg.save_every == 0 and s.step < s.total_steps:

@@ -64,7 +64,8 @@ class Metrics:
         for reporter in self.reporters:
             reporter.log(scalars, row["step"])
         if self.bar is not None and "loss" in row:
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+            norm = {"gnorm": f"{row['grad_norm']:.3g}"} if "grad_norm" in row else {}
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", **norm, lr=f"{row['lr']:.2e}",
                                  tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['peak_mem_gb']:.2f}G",
                                  refresh=False)
 

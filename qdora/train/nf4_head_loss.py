@@ -20,6 +20,7 @@ import torch
 from qdora.core.layer import NF4Linear, compute_dtype
 from qdora.core.nf4_head import dequantize_rows, row_alignment
 from qdora.data.formats import IGNORE_INDEX
+from qdora.train.loss import IDENTITY, LogitsTransform, chunked_cross_entropy
 
 VOCAB_SLICE = 8192  # = qdora.tools.plan.NF4_HEAD_VOCAB_SLICE
 
@@ -34,7 +35,8 @@ class _NF4HeadCrossEntropy(torch.autograd.Function):
     """Sum over masked tokens of (log-sum-exp of logits − target logit); gradient only to `hidden`."""
 
     @staticmethod
-    def forward(ctx, hidden, targets, mask, packed, absmax, absmax2, code2, offset, code, spec, vocab_slice):
+    def forward(ctx, hidden, targets, mask, packed, absmax, absmax2, code2, offset, code, spec, vocab_slice,
+                transform):
         t = hidden.shape[0]
         m = torch.full((t,), float("-inf"), dtype=torch.float32, device=hidden.device)
         s = torch.zeros(t, dtype=torch.float32, device=hidden.device)
@@ -42,7 +44,7 @@ class _NF4HeadCrossEntropy(torch.autograd.Function):
         stats = (packed, absmax, absmax2, code2, offset, code)
         for v0, v1 in _slices(spec.out_features, vocab_slice, row_alignment(spec)):
             w = dequantize_rows(*stats, spec, v0, v1, hidden.dtype)
-            logits = (hidden @ w.t()).float()
+            logits = transform((hidden @ w.t()).float())
             del w
             new_m = torch.maximum(m, logits.amax(dim=1))
             s = s * torch.exp(m - new_m) + torch.exp(logits - new_m[:, None]).sum(dim=1)
@@ -54,29 +56,32 @@ class _NF4HeadCrossEntropy(torch.autograd.Function):
         lse = m + torch.log(s)
         total = ((lse - target_logit) * mask).sum()
         ctx.save_for_backward(hidden, targets, mask, lse, *stats)
-        ctx.spec, ctx.vocab_slice = spec, vocab_slice
+        ctx.spec, ctx.vocab_slice, ctx.transform = spec, vocab_slice, transform
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         hidden, targets, mask, lse, *stats = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return (None,) * 11
+            return (None,) * 12
         spec = ctx.spec
         weight = mask * grad_total.float()  # d total / d (lse_t − logit_t)
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         for v0, v1 in _slices(spec.out_features, ctx.vocab_slice, row_alignment(spec)):
             w = dequantize_rows(*stats, spec, v0, v1, hidden.dtype)
-            # d(lse − logit_target)/d logits = softmax − onehot(target)
-            probs = torch.exp((hidden @ w.t()).float() - lse[:, None])
+            # d(lse − z_target)/dz = softmax(z) − onehot(target), z = transform(logits)
+            z = ctx.transform((hidden @ w.t()).float())
+            probs = torch.exp(z - lse[:, None])
             inside = (targets >= v0) & (targets < v1)
             local = (targets - v0).clamp(0, v1 - v0 - 1)
             probs.scatter_add_(1, local[:, None], -inside.float()[:, None])
-            dlogits = (probs * weight[:, None]).to(hidden.dtype)
+            dz = probs * weight[:, None]
             del probs
+            dlogits = (dz if ctx.transform.identity else ctx.transform.backward(z, dz)).to(hidden.dtype)
+            del z, dz
             grad_h += dlogits @ w
             del w, dlogits
-        return (grad_h.to(hidden.dtype),) + (None,) * 10
+        return (grad_h.to(hidden.dtype),) + (None,) * 11
 
 
 def nf4_head_cross_entropy(
@@ -85,8 +90,10 @@ def nf4_head_cross_entropy(
     labels: torch.Tensor,
     vocab_slice: int = VOCAB_SLICE,
     ignore_index: int = IGNORE_INDEX,
+    transform: LogitsTransform = IDENTITY,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(loss_sum, token_count)` like `qdora.train.loss.chunked_cross_entropy`, for an NF4 lm_head.
+    """`(loss_sum, token_count)` like `qdora.train.loss.chunked_cross_entropy`, for an NF4 lm_head
+    (`transform`: the family's logit scale / soft-cap, as there).
 
     hidden `[..., seq, hidden]` (after the final norm), labels `[..., seq]` unshifted (shifted here). The
     logits matmul runs in the compute dtype (autocast's, else hidden's); softmax and sums in fp32.
@@ -103,15 +110,13 @@ def nf4_head_cross_entropy(
     b = head.base
     with torch.autocast(hidden.device.type, enabled=False):
         total = _NF4HeadCrossEntropy.apply(flat, targets, keep.float(), b.packed, b.absmax, b.absmax2, b.code2,
-                                           b.offset, b.code, b.spec, vocab_slice)
+                                           b.offset, b.code, b.spec, vocab_slice, transform)
     return total, keep.sum()
 
 
-def lm_head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
+                          transform: LogitsTransform = IDENTITY) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss for whichever lm_head the model has: NF4 (vocab slices) or dense (token chunks)."""
     if isinstance(head, NF4Linear):
-        return nf4_head_cross_entropy(hidden, head, labels)
-    from qdora.train.loss import chunked_cross_entropy
-
-    return chunked_cross_entropy(hidden, head.weight, labels)
+        return nf4_head_cross_entropy(hidden, head, labels, transform=transform)
+    return chunked_cross_entropy(hidden, head.weight, labels, transform=transform)

@@ -1,10 +1,12 @@
 """Optimizer choice, gradient clipping, and loss-spike detection: what keeps a long run on real models stable.
 
 - `build_optimizer`: torch AdamW (fused kernels on CUDA, the multi-tensor path elsewhere) or bitsandbytes'
-  8-bit AdamW (`adamw8bit`; `paged_adamw8bit` pages its states to host memory under pressure and so needs
-  CUDA: refused on CPU). 8-bit AdamW keeps both moments in uint8 with a per-256 fp32 scale: 2 B/parameter
-  instead of 8 (fp32) or 4 (bf16). Its states are plain tensors (uint8 moments, fp32 scales and maps) that
-  the checkpoint saves bit for bit like AdamW's.
+  8-bit AdamW (`adamw8bit`; `paged_adamw8bit` keeps its states in CUDA unified memory that pages to the host
+  under pressure — on CPU bitsandbytes 0.50.2 runs it as plain 8-bit AdamW, which pages nothing, so that
+  combination is allowed (and tested) but warned about). 8-bit AdamW keeps both moments in uint8 with a
+  per-256 fp32 scale: 2 B/parameter instead of 8 (fp32) or 4 (bf16). Its states are plain tensors (uint8
+  moments, fp32 scales and maps) that the checkpoint saves bit for bit like AdamW's. bitsandbytes steps
+  plain tensors, not FSDP2's DTensor shards: the 8-bit optimizers are refused with several ranks.
 - `clip_gradients`: the global L2 norm over every trainable gradient, once per optimizer step after
   accumulation, with `torch.nn.utils.clip_grad_norm_`; under FSDP2 the gradients are DTensor shards and
   torch reduces the norm across ranks, so every rank scales by the same factor and 2 ranks equal 1
@@ -15,6 +17,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections.abc import Iterable
@@ -24,6 +27,7 @@ import torch
 from qdora.errors import QdoraError
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+log = logging.getLogger("qdora.train.optim")
 
 
 def build_optimizer(params: list[torch.Tensor], name: str, lr: float, weight_decay: float,
@@ -35,19 +39,66 @@ def build_optimizer(params: list[torch.Tensor], name: str, lr: float, weight_dec
     if name not in OPTIMIZERS:
         raise QdoraError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
     if name == "paged_adamw8bit" and device.type != "cuda":
-        raise QdoraError("--optim paged_adamw8bit pages optimizer states between GPU and host memory: it needs "
-                         "a CUDA device; on CPU use --optim adamw8bit")
+        log.warning("--optim paged_adamw8bit pages optimizer states only on CUDA; on %s it is plain 8-bit AdamW",
+                    device.type)
     import bitsandbytes as bnb
 
     cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
     return cls(params, lr=lr, weight_decay=weight_decay)
 
 
+BNB_NESTED = "__bnb_optimizer_quant_state__"  # bitsandbytes nests its per-parameter tensors under this key
+BNB_PREFIX = "bnb."  # ... which a checkpoint stores flat, as `bnb.state1`, `bnb.absmax1`, ...
+
+
+def is_bnb(optimizer: torch.optim.Optimizer) -> bool:
+    return type(optimizer).__module__.startswith("bitsandbytes")
+
+
+def bnb_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A bitsandbytes optimizer's state keyed by parameter names, flat (tensors and plain values only), on
+    the CPU: what a checkpoint writes as safetensors + JSON. (torch's distributed state-dict API cannot load
+    bnb's nested per-parameter dict back; bnb optimizers only run unsharded, so none is needed.)"""
+    sd = optimizer.state_dict()
+    names = _param_names(model, optimizer)
+    state = {}
+    for index, values in sd["state"].items():
+        flat = {}
+        for key, value in values.items():
+            if key == BNB_NESTED:
+                flat.update({BNB_PREFIX + k: v for k, v in value.items()})
+            else:
+                flat[key] = value
+        state[names[index]] = {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in flat.items()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+              for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def load_bnb_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of `bnb_state_dict` (bit-exact: the uint8 moments and fp32 scales are copied as they are)."""
+    names = _param_names(model, optimizer)
+    index = {n: i for i, n in enumerate(names)}
+    missing = [n for n in names if n not in state["state"]]
+    if missing:
+        raise QdoraError(f"the checkpoint's optimizer state lacks {missing[:2]}: it is from another model/config")
+    nested = {}
+    for name, values in state["state"].items():
+        inner = {k[len(BNB_PREFIX):]: v for k, v in values.items() if k.startswith(BNB_PREFIX)}
+        outer = {k: v for k, v in values.items() if not k.startswith(BNB_PREFIX)}
+        nested[index[name]] = {**outer, **({BNB_NESTED: inner} if inner else {})}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
+              for g in state["param_groups"]]
+    optimizer.load_state_dict({"state": nested, "param_groups": groups})
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
 def check_optimizer(name: str, device: torch.device, sharded: bool) -> None:
     """Refuse what cannot work before anything is loaded or written."""
-    if name == "paged_adamw8bit" and device.type != "cuda":
-        raise QdoraError("--optim paged_adamw8bit pages optimizer states between GPU and host memory: it needs "
-                         "a CUDA device; on CPU use --optim adamw8bit")
     if name != "adamw" and sharded:
         raise QdoraError(f"--optim {name} (bitsandbytes) steps plain tensors, not FSDP2's sharded DTensor "
                          "parameters: use --optim adamw with several ranks or --offload params/all")

@@ -20,7 +20,8 @@ def save(s: RunState) -> Path:
     adapter = adapter_state_dict(s.model)
     optimizer = optimizer_state(s.model, s.optimizer)
     trainer = {"scheduler": s.scheduler.state_dict(), "data": s.batches.state_dict(),
-               "scaler": s.scaler.state_dict() if s.scaler is not None else None, "config": s.cfg.to_dict()}
+               "scaler": s.scaler.state_dict() if s.scaler is not None else None,
+               "spike": s.spike.state_dict(), "config": s.cfg.to_dict()}
     with doing(f"writing checkpoint {s.step}"):
         s.last_checkpoint = save_checkpoint(s.out, s.step, s.dist, s.spec, adapter, optimizer, trainer,
                                             s.base_model, s.cfg.keep, s.provenance)

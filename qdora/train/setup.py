@@ -16,12 +16,14 @@ import torch
 from qdora.core.adapt import AdapterSpec
 from qdora.core.adapter_io import fill_adapter
 from qdora.core.families import check_family
+from qdora.core.frozen_parts import place_frozen_parts
 from qdora.core.load import build_meta_model, load_weights, open_checkpoint
 from qdora.core.prequantized import base_double_quant
 from qdora.data.hub_data import RepoSelect
 from qdora.errors import QdoraError
 from qdora.io.hub import looks_like_repo_id, resolve_model
 from qdora.io.preflight import check_writable
+from qdora.options import TORCH_DTYPE_NAMES
 from qdora.train.checkpoint import load_checkpoint, resolve_resume
 from qdora.train.config import TrainConfig
 from qdora.train.distributed import (
@@ -31,6 +33,7 @@ from qdora.train.distributed import (
     load_optimizer_state,
     shard_model,
 )
+from qdora.train.optim import SpikeGuard, build_optimizer, check_optimizer
 from qdora.train.reporters import check_reporters
 from qdora.train.rng_state import set_rng_state
 from qdora.train.run_lock import LOCK_NAME, check_free
@@ -79,9 +82,12 @@ def check_inputs(cfg: TrainConfig, d: Dist) -> tuple[RunState, object]:
     resume_from = _check_output(cfg)
     model = resolve_model(cfg.model, cfg.revision)
     tokenizer = _load_tokenizer(cfg, model.path)
+    check_optimizer(cfg.optim, d.device, d.sharded)
     spec = AdapterSpec(method=cfg.method, r=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout,
-                       target=cfg.target, adapter_dtype="float32", double_quant=base_double_quant(model.path))
-    build_meta_model(model.path, spec, compute)  # architecture, targets, NF4 block size: refused before loading
+                       target=cfg.target, adapter_dtype=TORCH_DTYPE_NAMES[cfg.adapter_dtype],
+                       double_quant=base_double_quant(model.path))
+    meta, _ = build_meta_model(model.path, spec, compute)  # architecture, targets, NF4 block size: refused
+    place_frozen_parts(meta, cfg.lm_head, cfg.embeddings, d.device, compute)  # before loading anything
     # adapter_config.json's base_model_name_or_path: a Hub id or a folder's path
     state = RunState(cfg, d, spec, compute, Path(cfg.output), model.path, model.name, resume_from)
     state.provenance = {"model": model.record()}
@@ -146,6 +152,7 @@ def setup_model(s: RunState) -> None:
     """Phase 3: the adapted NF4 model, streamed onto the device (sharded by FSDP2 first when distributed)."""
     cfg, d = s.cfg, s.dist
     s.model, s.report = build_meta_model(s.model_dir, s.spec, s.compute)
+    place_frozen_parts(s.model, cfg.lm_head, cfg.embeddings, d.device, s.compute, s.spec.double_quant)
     s.wrapper = CausalLMLoss(s.model)
     if d.sharded:
         shard_model(s.wrapper, s.compute, cfg.offload_params, root_blocks=s.model)
@@ -162,7 +169,8 @@ def setup_optimizer(s: RunState) -> None:
     from transformers import get_scheduler
 
     cfg = s.cfg
-    s.optimizer = torch.optim.AdamW(s.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    s.optimizer = build_optimizer(s.trainable, cfg.optim, cfg.lr, cfg.weight_decay, s.dist.device)
+    s.spike = SpikeGuard(cfg.spike_factor)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
     s.scheduler = get_scheduler(name, s.optimizer, num_warmup_steps=cfg.warmup_steps,
                                 num_training_steps=s.total_steps)
@@ -183,6 +191,7 @@ def resume(s: RunState) -> None:
     fill_adapter(s.model, saved["adapter"], s.resume_from)
     load_optimizer_state(s.model, s.optimizer, saved["optimizer"])
     s.scheduler.load_state_dict(trainer["scheduler"])
+    s.spike.load_state_dict(trainer.get("spike") or {})
     if s.scaler is not None and trainer.get("scaler"):
         s.scaler.load_state_dict(trainer["scaler"])
     if saved["rng"] is not None and trainer["world_size"] == s.dist.world_size:

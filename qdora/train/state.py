@@ -18,6 +18,7 @@ from qdora.core.adapt import AdapterSpec, AdaptReport
 from qdora.data.batches import BatchIterator
 from qdora.train.config import TrainConfig
 from qdora.train.distributed import Dist
+from qdora.train.optim import SpikeGuard
 
 
 @dataclass
@@ -47,6 +48,7 @@ class RunState:
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: Any = field(init=False)  # torch LR scheduler
     scaler: Any = field(init=False)  # a GradScaler for fp16, else None
+    spike: SpikeGuard = field(init=False)  # loss-spike rule and its history (saved in checkpoints)
     # the loop
     step: int = 0
     last_checkpoint: Path | None = None

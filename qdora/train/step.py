@@ -7,15 +7,20 @@ batches and ranks (counted from the labels before the forward). FSDP2 divides gr
 in its reduce-scatter, so the loss is multiplied by the world size (gloo has no PREMUL_SUM for a custom
 divide factor). N ranks × micro_batch m thus train exactly like 1 process × N·m on the same rows.
 
-A non-finite loss stops before the optimizer step (the weights stay those of the last good step).
+After accumulation the gradients are clipped once to `--max-grad-norm` (their global norm, reduced over
+ranks by torch for FSDP2's DTensor shards, is logged on reported steps). A non-finite loss or gradient norm
+stops before the optimizer step (the weights stay those of the last good step); a loss spike
+(`SpikeGuard`: above `--spike-factor` × the median of the last good steps) warns or stops, naming the step
+and the last good checkpoint.
 
 Host syncs: on a GPU the host must never wait for the device in the middle of a step (the GPU would idle
 while the backward's launches are queued). Tokens are counted on the host batches before they are
 copied (pinned, non-blocking), and summed over ranks with a host collective where the process group has
-one (gloo); the loss has no `nonzero`. The loss reaches the host only on reported steps (logged, evaluated,
-saved, last: `report=True`). Between them, with a fused AdamW, finiteness is checked on the device: a
-non-finite loss sets the optimizer's `found_inf`, so that update and every later one are skipped on the
-device, and the next reported step stops the run with the step where it happened.
+one (gloo); the loss has no `nonzero`. The loss and gradient norm reach the host only on reported steps
+(logged, evaluated, saved, last: `report=True`), or every step when `--spike-factor` needs the loss. Between
+them, with a fused AdamW, finiteness is checked on the device: a non-finite loss or norm sets the
+optimizer's `found_inf`, so that update and every later one are skipped on the device, and the next
+reported step stops the run with the step where it happened.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from torch import nn
 
 from qdora.errors import QdoraError
 from qdora.train.distributed import activation_offload, autocast
-from qdora.train.loss import IGNORE_INDEX, LogitsTransform, chunked_cross_entropy
+from qdora.train.loss import IGNORE_INDEX, LogitsTransform
+from qdora.train.nf4_head_loss import lm_head_cross_entropy
+from qdora.train.optim import clip_gradients
 from qdora.train.router_loss import router_loss_of
 from qdora.train.state import RunState
 
@@ -49,9 +56,9 @@ class CausalLMLoss(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
         if self.router_loss is None:
             hidden = self.lm.model(input_ids=input_ids, use_cache=False, **kw).last_hidden_state
-            return chunked_cross_entropy(hidden, self.lm.lm_head.weight, labels, transform=self.transform)
+            return lm_head_cross_entropy(hidden, self.lm.lm_head, labels, transform=self.transform)
         out = self.lm.model(input_ids=input_ids, use_cache=False, output_router_logits=True, **kw)
-        loss_sum, count = chunked_cross_entropy(out.last_hidden_state, self.lm.lm_head.weight, labels,
+        loss_sum, count = lm_head_cross_entropy(out.last_hidden_state, self.lm.lm_head, labels,
                                                 transform=self.transform)
         aux = self.router_loss(out.router_logits, kw.get("attention_mask"))
         return loss_sum + aux.to(loss_sum.dtype) * count.to(loss_sum.dtype), count
@@ -62,6 +69,8 @@ class StepResult:
     loss: float | None  # token-weighted mean over the global batch (None on a step that was not reported)
     lr: float  # the learning rate this step used
     input_tokens: int  # tokens read (padding excluded), all ranks: for tokens/s
+    grad_norm: float | None = None  # global gradient norm before clipping (reported steps; all ranks)
+    spike: str | None = None  # the warning, when this step's loss was a spike and --on-spike warn
 
 
 def count_tokens(batches: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
@@ -96,11 +105,29 @@ def _skips_on_device(s: RunState) -> bool:
     return s.scaler is None and adam and bool(s.optimizer.defaults.get("fused"))
 
 
-def _stop(s: RunState, loss: float, step: int) -> QdoraError:
-    where = f"the last good checkpoint is {s.last_checkpoint}" if s.last_checkpoint else \
+def _where(s: RunState) -> str:
+    return f"the last good checkpoint is {s.last_checkpoint}" if s.last_checkpoint else \
         "no checkpoint was written yet (use --save-every)"
-    return QdoraError(f"the loss became {loss} at step {step}: training stopped before that update (later "
-                      f"updates were skipped too); {where}. Try a lower --lr (now {s.cfg.lr}) or --dtype bf16/fp32")
+
+
+def _stop(s: RunState, loss: float, step: int, what: str | None = None) -> QdoraError:
+    what = what or f"the loss became {loss}"
+    return QdoraError(f"{what} at step {step}: training stopped before that update (later updates were "
+                      f"skipped too); {_where(s)}. Try a lower --lr (now {s.cfg.lr}) or --dtype bf16/fp32")
+
+
+def _check_spike(s: RunState, loss: float) -> str | None:
+    """The warning for a loss spike (`SpikeGuard`), or None; raises with --on-spike stop."""
+    cfg = s.cfg
+    if not s.spike.is_spike(loss):
+        s.spike.record(loss)
+        return None
+    spike = (f"loss spike at step {s.step + 1}: {loss:.4g} > {cfg.spike_factor:g} x the median "
+             f"{s.spike.median():.4g} of the last {len(s.spike.history)} steps; {_where(s)}")
+    if cfg.on_spike == "stop":
+        raise QdoraError(f"{spike}. Training stopped before that update (--on-spike stop); lower --lr "
+                         f"(now {cfg.lr}) or --max-grad-norm (now {cfg.max_grad_norm:g})")
+    return spike
 
 
 def check_deferred(s: RunState) -> None:
@@ -108,7 +135,7 @@ def check_deferred(s: RunState) -> None:
     if s.first_nonfinite is not None:
         first = int(s.first_nonfinite.item())
         if first:
-            raise _stop(s, float("nan"), first)
+            raise _stop(s, float("nan"), first, "the loss or the gradient norm became non-finite")
 
 
 def train_step(s: RunState, batches: list[dict[str, torch.Tensor]], report: bool = True) -> StepResult:
@@ -128,16 +155,23 @@ def train_step(s: RunState, batches: list[dict[str, torch.Tensor]], report: bool
         (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
         loss_total += loss_sum.detach().double()
     loss_t = d.all_reduce_sum(loss_total) / n_global
-    loss = None
-    if report or not _skips_on_device(s):
+    loss = norm = spike = None
+    if report or not _skips_on_device(s) or cfg.spike_factor > 0:
         check_deferred(s)
         loss = loss_t.item()
         if not math.isfinite(loss):
             raise _stop(s, loss, s.step + 1)
+        if s.scaler is not None:
+            s.scaler.unscale_(s.optimizer)  # clip true gradients (inf/nan ones make the scaler skip the step)
+        norm = clip_gradients(s.trainable, cfg.max_grad_norm).item()
+        if not math.isfinite(norm) and s.scaler is None:
+            raise _stop(s, loss, s.step + 1, f"the gradient norm became {norm}")
+        spike = _check_spike(s, loss)
     else:  # the first non-finite step, kept on the device; from it on every update is skipped there
+        norm_t = clip_gradients(s.trainable, cfg.max_grad_norm)
         if s.first_nonfinite is None:
             s.first_nonfinite = torch.zeros((), dtype=torch.int64, device=d.device)
-        bad = ~torch.isfinite(loss_t)
+        bad = ~torch.isfinite(loss_t) | ~torch.isfinite(norm_t.to(d.device))
         s.first_nonfinite = torch.where(bad & (s.first_nonfinite == 0), s.step + 1, s.first_nonfinite)
         s.optimizer.found_inf = (s.first_nonfinite > 0).float()
     lr = s.scheduler.get_last_lr()[0]
@@ -151,7 +185,7 @@ def train_step(s: RunState, batches: list[dict[str, torch.Tensor]], report: bool
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     s.step += 1
-    return StepResult(loss, lr, input_tokens)
+    return StepResult(loss, lr, input_tokens, norm, spike)
 
 
 def evaluate(s: RunState) -> float:

@@ -70,3 +70,29 @@ def test_bf16_compute_keeps_adapters_fp32(tmp_path):
     assert streamed.model.embed_tokens.weight.dtype == torch.bfloat16
     layer = next(iter(adapter_layers(streamed).values()))
     assert layer.lora_A.dtype == torch.float32 and layer.base.packed.dtype in (torch.uint8, torch.bfloat16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tie", [False, True])
+def test_host_embedding_and_nf4_head(tmp_path, tie):
+    """embeddings=host loads exactly the plain model; lm_head=nf4 exactly the plain model whose head is
+    quantized the same way (a tied checkpoint fills both from its one embedding tensor)."""
+    from qdora.core.frozen_parts import place_frozen_parts
+    from qdora.core.host_embedding import HostEmbedding
+    from qdora.core.layer import NF4Linear
+    from qdora.core.load import build_meta_model, load_weights
+    from qdora.core.nf4_head import lm_head_to_nf4
+
+    d = build_tiny_model(tmp_path / "m", tie_word_embeddings=tie)
+    ref = reference(d)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    for lm_head in ("dense", "nf4"):
+        model, _ = build_meta_model(d, SPEC, torch.float32)
+        place_frozen_parts(model, lm_head, "host", "cpu", torch.float32)
+        load_weights(model, d, "cpu", seed=0)
+        assert isinstance(model.get_input_embeddings(), HostEmbedding)
+        assert isinstance(model.lm_head, NF4Linear) == (lm_head == "nf4")
+        if lm_head == "nf4":
+            lm_head_to_nf4(ref)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits), lm_head

@@ -83,6 +83,27 @@ def test_two_ranks_bf16_mixed_precision_trains_like_fp32(tiny_llama_dir, tmp_pat
         assert abs(got[step] - ref.losses[step]) <= 1e-2 * ref.losses[step], (got, ref.losses)
 
 
+def test_two_ranks_clip_and_log_the_norm_like_one_process(tiny_llama_dir, tmp_path):
+    """--max-grad-norm under FSDP2 (DTensor gradient shards) with accumulation: the clip uses the global norm,
+    once per step, so 2 ranks × micro-batch 1 × accumulation 2 equal 1 process × micro-batch 2 × accumulation
+    2 in losses and in the logged norms, with the limit active on every step. Also: the memory modes that
+    touch the root group (NF4 lm_head, host embedding) under FSDP2."""
+    data = alpaca_data(tmp_path)
+    common = ["--model", str(tiny_llama_dir), "--data", str(data), "--max-steps", "3", "--seq-len", "128",
+              "--rank", "4", "--alpha", "8", "--lr", "1e-2", "--dtype", "fp32", "--device", "cpu",
+              "--grad-accum", "2", "--max-grad-norm", "0.05", "--lm-head", "nf4", "--embeddings", "host"]
+    torchrun(*common, "--output", str(tmp_path / "two"), "--micro-batch", "1")
+    one = train(small_config(tiny_llama_dir, data, tmp_path / "one", max_steps=3, micro_batch=2, grad_accum=2,
+                             lr=1e-2, max_grad_norm=0.05, lm_head="nf4", embeddings="host"))
+    two = {r["step"]: r for r in metrics(tmp_path / "two")}
+    ref = {r["step"]: r for r in metrics(tmp_path / "one")}
+    assert sorted(two) == [1, 2, 3]
+    for step, loss in one.losses.items():
+        assert abs(two[step]["loss"] - loss) <= 1e-5 * abs(loss), (step, two[step], loss)
+        assert ref[step]["grad_norm"] > 0.05  # the limit is active
+        assert abs(two[step]["grad_norm"] - ref[step]["grad_norm"]) <= 1e-4 * ref[step]["grad_norm"]
+
+
 def test_two_ranks_resume_exactly_with_dropout_and_accumulation(tiny_llama_dir, tmp_path):
     """Each rank's RNG file (JSON) restores its own dropout masks: the resumed sharded run repeats the
     uninterrupted one's losses exactly."""

@@ -42,6 +42,22 @@ def test_matches_dense_chunked_loss_fp32(vocab_slice):
     torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-5)  # fp32 summation order
 
 
+def test_logits_transform_matches_the_dense_loss():
+    from qdora.train.loss import LogitsTransform
+
+    head, hidden, labels = _case(seed=2)
+    t = LogitsTransform(scale=0.5, softcap=3.0)
+    w = head.base.dequantize(torch.float32)
+    h1 = hidden.clone().requires_grad_()
+    ref, _ = chunked_cross_entropy(h1, w, labels, chunk_size=9, transform=t)
+    ref.backward()
+    h2 = hidden.clone().requires_grad_()
+    got, _ = nf4_head_cross_entropy(h2, head, labels, vocab_slice=300, transform=t)
+    got.backward()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_bf16_is_bounded_by_the_dense_bf16_loss():
     head, hidden, labels = _case(seed=1)
     w = head.base.dequantize(torch.bfloat16)

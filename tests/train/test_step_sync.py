@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from qdora.errors import QdoraError
 from qdora.train.distributed import Dist
+from qdora.train.optim import SpikeGuard
 from qdora.train.step import train_step
 
 
@@ -46,9 +47,12 @@ def _state(fused: bool):
     wrapper = _Wrapper()
     opt = torch.optim.AdamW(wrapper.parameters(), lr=0.1, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    return types.SimpleNamespace(dist=Dist(), cfg=types.SimpleNamespace(offload_activations=False, lr=0.1),
-                                 wrapper=wrapper, model=wrapper, compute=torch.float32, scaler=None, optimizer=opt,
-                                 scheduler=sched, step=0, last_checkpoint=None, first_nonfinite=None)
+    cfg = types.SimpleNamespace(offload_activations=False, lr=0.1, max_grad_norm=1.0, spike_factor=0.0,
+                                on_spike="warn")  # clipping on: its norm must stay on the device too
+    return types.SimpleNamespace(dist=Dist(), cfg=cfg, wrapper=wrapper, model=wrapper,
+                                 trainable=list(wrapper.parameters()), spike=SpikeGuard(0.0), compute=torch.float32,
+                                 scaler=None, optimizer=opt, scheduler=sched, step=0, last_checkpoint=None,
+                                 first_nonfinite=None)
 
 
 def _batch():
