@@ -34,7 +34,7 @@ def test_cli_trains_qwen3_moe_experts_and_the_adapter_rebuilds_the_trained_model
     args = ["train", "--model", str(qwen3_moe_dir), "--data", str(alpaca_data(tmp_path)), "--output", str(out),
             "--rank", "4", "--alpha", "8", "--lr", "5e-3", "--max-steps", "8", "--micro-batch", "4",
             "--seq-len", "128", "--dtype", "fp32", "--device", "cpu", "--target", "all-linear,experts",
-            "--scheduler", "constant", "--log-every", "1", "--allow-no-export"]
+            "--scheduler", "constant", "--log-every", "1"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "gate_up_proj" in result.output and "down_proj" in result.output  # the adapted-layers summary
@@ -49,8 +49,7 @@ def test_cli_trains_qwen3_moe_experts_and_the_adapter_rebuilds_the_trained_model
 
     # the same run in process: its in-memory model is what the adapter must rebuild
     run = train(small_config(qwen3_moe_dir, alpaca_data(tmp_path), tmp_path / "again", rank=4, alpha=8, lr=5e-3,
-                             max_steps=8, micro_batch=4, target="all-linear,experts", scheduler="constant",
-                             allow_no_export=True))
+                             max_steps=8, micro_batch=4, target="all-linear,experts", scheduler="constant"))
     assert run.losses[max(run.losses)] == pytest.approx(losses[-1], rel=1e-6)
     base = AutoModelForCausalLM.from_pretrained(qwen3_moe_dir, dtype=torch.float32)
     apply_adapter(base, tmp_path / "again")
@@ -66,7 +65,16 @@ def test_mixtral_lora_experts_only_and_checkpointing_keeps_the_numbers(tmp_path)
     runs = {}
     for name, kw in {"ckpt": {}, "no_ckpt": {"gradient_checkpointing": False}}.items():
         runs[name] = train(small_config(d, data, tmp_path / name, max_steps=3, method="lora",
-                                        target="experts", allow_no_export=True, **kw)).losses
+                                        target="experts", **kw)).losses
     assert runs["no_ckpt"] == pytest.approx(runs["ckpt"], rel=1e-6)
     cfg = json.loads((tmp_path / "ckpt" / "adapter_config.json").read_text())
     assert cfg["target_modules"] == [] and len(cfg["target_parameters"]) == 2 and not cfg["use_dora"]
+
+
+def test_resume_of_an_moe_run_repeats_its_steps_exactly(qwen3_moe_dir, tmp_path):
+    data = alpaca_data(tmp_path)
+    kw = dict(max_steps=4, micro_batch=2, target="all-linear,experts", save_every=2, keep=0)
+    full = train(small_config(qwen3_moe_dir, data, tmp_path / "full", **kw))
+    resumed = train(small_config(qwen3_moe_dir, data, tmp_path / "resumed",
+                                 resume=str(tmp_path / "full" / "checkpoint-2"), **kw))
+    assert {s: resumed.losses[s] for s in (3, 4)} == {s: full.losses[s] for s in (3, 4)}
