@@ -127,23 +127,10 @@ class AdapterMerge:
             if key not in self.reader:
                 raise QdoraError(f"{self.base_dir} has no tensor {key} that the adapter targets")
             out, inn = self.shape(key)
-            want = adapter_shapes(inn, out, self.spec.r, self.spec.method)
-            for name, shape in want.items():
-                t = tensors.get((path, name))
-                if t is None:
-                    raise QdoraError(f"adapter {self.adapter_dir} does not fit {self.base_dir}: {path} has no {name}")
-                if tuple(t.shape) != shape:
-                    raise QdoraError(f"adapter {self.adapter_dir} does not fit {self.base_dir}: {path}.{name} "
-                                     f"has shape {tuple(t.shape)}, the base needs {shape}")
-            a, b, m = (tensors.get((path, name)) if name in want else None for name in ADAPTER_ATTRS)
-            self.adapters[key] = (a, b, m)
+            self.adapters[key] = self._fitting(path, tensors, adapter_shapes(inn, out, self.spec.r, self.spec.method))
 
-    def _attach_experts(self, path: str, tensors: dict, experts: dict[str, tuple[str, int, slice]]) -> None:
-        keys = {k: v for k, v in experts.items() if v[0] == path}
-        num = 1 + max(e for _, e, _ in keys.values())
-        out = sum(self.reader.shape(k)[0] for k, (_, e, _) in keys.items() if e == 0)
-        inn = self.reader.shape(next(iter(keys)))[1]
-        want = {name: (num, *shape) for name, shape in adapter_shapes(inn, out, self.spec.r, self.spec.method).items()}
+    def _fitting(self, path: str, tensors: dict, want: dict[str, tuple[int, ...]]) -> tuple:
+        """`path`'s (A, B, magnitude), each checked against the shape the base needs (None where unused)."""
         for name, shape in want.items():
             t = tensors.get((path, name))
             if t is None:
@@ -151,7 +138,15 @@ class AdapterMerge:
             if tuple(t.shape) != shape:
                 raise QdoraError(f"adapter {self.adapter_dir} does not fit {self.base_dir}: {path}.{name} "
                                  f"has shape {tuple(t.shape)}, the base needs {shape}")
-        a, b, m = (tensors.get((path, name)) if name in want else None for name in ADAPTER_ATTRS)
+        return tuple(tensors.get((path, name)) if name in want else None for name in ADAPTER_ATTRS)
+
+    def _attach_experts(self, path: str, tensors: dict, experts: dict[str, tuple[str, int, slice]]) -> None:
+        keys = {k: v for k, v in experts.items() if v[0] == path}
+        num = 1 + max(e for _, e, _ in keys.values())
+        out = sum(self.reader.shape(k)[0] for k, (_, e, _) in keys.items() if e == 0)
+        inn = self.reader.shape(next(iter(keys)))[1]
+        want = {name: (num, *shape) for name, shape in adapter_shapes(inn, out, self.spec.r, self.spec.method).items()}
+        a, b, m = self._fitting(path, tensors, want)
         for key, (_, e, rows) in keys.items():  # DoRA's norm is per row: each part merges on its own
             self.adapters[key] = (a[e], b[e][rows], None if m is None else m[e][rows])
 

@@ -79,3 +79,13 @@ class LlamaCpp:
 def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     """Largest |a - b| relative to the largest |a|."""
     return float(np.abs(a - b).max() / np.abs(a).max())
+
+
+def assert_same_tokenization(cpp: LlamaCpp, tok, texts: list[str]) -> None:
+    """llama.cpp tokenizes like the HF tokenizer: with and without BOS, and special tokens inside a chat prompt."""
+    for text in texts:
+        assert cpp.tokenize(text) == tok(text)["input_ids"], text
+        assert cpp.tokenize(text, add_bos=False) == tok(text, add_special_tokens=False)["input_ids"], text
+    messages = [{"role": "user", "content": "What colour is the fox?"}]
+    chat = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert cpp.tokenize(chat, add_bos=False, special=True) == tok(chat, add_special_tokens=False)["input_ids"]

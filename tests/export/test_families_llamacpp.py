@@ -19,7 +19,14 @@ from click.testing import CliRunner
 
 from qdora.cli import main
 from qdora.testing.family_cases import build_case
-from qdora.testing.llamacpp_oracle import PROMPTS, TEXTS, LlamaCpp, Reference, rel_diff
+from qdora.testing.llamacpp_oracle import (
+    PROMPTS,
+    TEXTS,
+    LlamaCpp,
+    Reference,
+    assert_same_tokenization,
+    rel_diff,
+)
 from qdora.testing.runs import chat_data
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
@@ -71,12 +78,7 @@ def test_trained_merged_exported_matches_transformers(tmp_path, case):
     ref = EagerReference(merged)
     cpp = LlamaCpp(gguf_path)
     try:
-        for text in TEXTS:
-            assert cpp.tokenize(text) == ref.tok(text)["input_ids"], text
-            assert cpp.tokenize(text, add_bos=False) == ref.tok(text, add_special_tokens=False)["input_ids"]
-        messages = [{"role": "user", "content": "What colour is the fox?"}]
-        chat = ref.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        assert cpp.tokenize(chat, add_bos=False, special=True) == ref.tok(chat, add_special_tokens=False)["input_ids"]
+        assert_same_tokenization(cpp, ref.tok, TEXTS)
         for prompt in [*PROMPTS, LONG_PROMPT]:
             ids = ref.tok(prompt)["input_ids"]
             hf, ours = ref.logits(ids), cpp.logits(ids)

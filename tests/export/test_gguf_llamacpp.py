@@ -24,7 +24,14 @@ import torch
 from qdora.export.gguf_export import export_gguf
 from qdora.export.llamacpp_quantize import quantize_gguf
 from qdora.testing.family_cases import build_case
-from qdora.testing.llamacpp_oracle import PROMPTS, TEXTS, LlamaCpp, Reference, rel_diff
+from qdora.testing.llamacpp_oracle import (
+    PROMPTS,
+    TEXTS,
+    LlamaCpp,
+    Reference,
+    assert_same_tokenization,
+    rel_diff,
+)
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,13 +56,7 @@ def test_f32_matches_transformers(models, refs, tmp_path, case):
     ref = refs[case]
     cpp = LlamaCpp(export_gguf(models[case], tmp_path / f"{case}.gguf", outtype="f32"))
     try:
-        for text in TEXTS:
-            assert cpp.tokenize(text) == ref.tok(text)["input_ids"], text
-            assert cpp.tokenize(text, add_bos=False) == ref.tok(text, add_special_tokens=False)["input_ids"]
-        messages = [{"role": "user", "content": "What colour is the fox?"}]
-        chat = ref.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        expected = ref.tok(chat, add_special_tokens=False)["input_ids"]
-        assert cpp.tokenize(chat, add_bos=False, special=True) == expected  # special tokens in text
+        assert_same_tokenization(cpp, ref.tok, TEXTS)
         for prompt in PROMPTS:
             ids = ref.tok(prompt)["input_ids"]
             hf = ref.logits(ids)
