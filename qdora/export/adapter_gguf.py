@@ -31,10 +31,7 @@ def merged_source(plan: AdapterMerge, base: str, dtype: torch.dtype):
         key = p.source
         assert key is not None
         with doing(f"merging {key}"):
-            tensor = plan.reader.get(key)
-            if key in plan.linear_keys:
-                tensor = plan.merged(key, plan.base_weight(key, tensor, base))
-            return tensor.to(dtype) if tensor.is_floating_point() else tensor
+            return plan.output_tensor(key, plan.weight(key), base, dtype)
 
     return source
 
@@ -64,4 +61,5 @@ def export_adapter_gguf(
     BASE.check(base)
     plan = AdapterMerge.load(adapter_dir, base_model, revision, check_base=_check_family)
     return export_gguf(plan.base_dir, output_path, outtype=outtype, modelfile=modelfile, quantize=quantize,
-                       name=Path(adapter_dir).resolve().name, source=merged_source(plan, base, out_dtype))
+                       name=Path(adapter_dir).resolve().name, source=merged_source(plan, base, out_dtype),
+                       shapes={key: shape for key, (shape, _) in plan.headers().items()})

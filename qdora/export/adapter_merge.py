@@ -52,7 +52,7 @@ def resolve_base_dir(base_model: str | Path | None, adapter_cfg: dict, what: str
                      revision: str | None = None) -> Path:
     """--base-model (at --revision), else the adapter config's base_model_name_or_path at its recorded
     `revision`: a local model folder, or a Hub repository id fetched through the Hub cache."""
-    from qdora.io.hub import looks_like_repo_id, resolve_model
+    from qdora.io.hub import names_org_repo, resolve_model
 
     candidate = base_model if base_model is not None else adapter_cfg.get("base_model_name_or_path")
     if not candidate:
@@ -60,7 +60,7 @@ def resolve_base_dir(base_model: str | Path | None, adapter_cfg: dict, what: str
     src = "--base-model" if base_model is not None else f"the {what} config's base_model_name_or_path"
     if revision is None and base_model is None:
         revision = adapter_cfg.get("revision")
-    if not Path(candidate).exists() and "/" in str(candidate) and looks_like_repo_id(str(candidate)):
+    if not Path(candidate).exists() and names_org_repo(str(candidate)):
         candidate = resolve_model(str(candidate), revision).path
     elif revision is not None and base_model is not None:
         raise QdoraError(f"--revision {revision} applies to Hub models, but {base_model} is a local folder")
@@ -143,8 +143,8 @@ class AdapterMerge:
     def _attach_experts(self, path: str, tensors: dict, experts: dict[str, tuple[str, int, slice]]) -> None:
         keys = {k: v for k, v in experts.items() if v[0] == path}
         num = 1 + max(e for _, e, _ in keys.values())
-        out = sum(self.reader.shape(k)[0] for k, (_, e, _) in keys.items() if e == 0)
-        inn = self.reader.shape(next(iter(keys)))[1]
+        out = sum(self.shape(k)[0] for k, (_, e, _) in keys.items() if e == 0)
+        inn = self.shape(next(iter(keys)))[1]
         want = {name: (num, *shape) for name, shape in adapter_shapes(inn, out, self.spec.r, self.spec.method).items()}
         a, b, m = self._fitting(path, tensors, want)
         for key, (_, e, rows) in keys.items():  # DoRA's norm is per row: each part merges on its own
@@ -189,6 +189,13 @@ class AdapterMerge:
         if base == "original":
             return w.float()
         return nf4_from_weight(w.float(), double_quant=self.spec.double_quant).dequantize(torch.float32)
+
+    def output_tensor(self, key: str, tensor: torch.Tensor, base: str, dtype: torch.dtype) -> torch.Tensor:
+        """One tensor of the merged model, as `qdora merge` writes it and the one-step export converts it:
+        `tensor` from `weight`/`tensors`, a weight key merged onto its base, floating tensors cast to `dtype`."""
+        if key in self.linear_keys:
+            tensor = self.merged(key, self.base_weight(key, tensor, base))
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
     def merged(self, key: str, w_base: torch.Tensor) -> torch.Tensor:
         """fp32 W' for a weight key: the adapter merged onto `w_base`, or `w_base` if not targeted."""

@@ -47,6 +47,7 @@ def export_gguf(
     *,
     name: str | None = None,
     source: TensorSource = safetensors_source,
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> Path:
     """Write `output_path` (GGUF, weights in `outtype`: f16, bf16, f32 or q8_0) from a merged model.
 
@@ -54,7 +55,8 @@ def export_gguf(
     writing `<stem>.<TYPE>.gguf` next to it. `modelfile` writes an Ollama `Modelfile` beside the
     files. Returns the GGUF a user would run: the first quantized file if any, else `output_path`.
     `name` (general.name, default the folder's name) and `source` (where tensor data comes from,
-    default the folder's safetensors) let `export_adapter_gguf` feed merged weights in a stream.
+    default the folder's safetensors) let `export_adapter_gguf` feed merged weights in a stream; `shapes`
+    (name -> shape of every tensor `source` gives) replaces the folder's tensor table where they differ.
     """
     model_dir, output_path, outtype = Path(model_dir), Path(output_path), outtype.lower()
     if outtype not in OUTTYPES:
@@ -71,7 +73,7 @@ def export_gguf(
     vocab = read_vocab(model_dir, spec.vocab_rows, config_ids)
     if modelfile:
         chat_format(vocab)  # fail now, not after the weights are written
-    plans = plan_tensors(spec, outtype)
+    plans = plan_tensors(spec, outtype, shapes)
     size = gguf_bytes(plans)
     sizes = {qtype: quantized_bytes(plans, qtype) for qtype in qtypes}
     what = "the GGUF file" + (f" and its {', '.join(qtypes)} quantization" if qtypes else "")

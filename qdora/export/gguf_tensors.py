@@ -84,20 +84,24 @@ def _storage_type(shape: tuple[int, ...], weight_type: Q) -> Q:
     return weight_type
 
 
-def plan_tensors(spec: ModelSpec, outtype: str) -> list[TensorPlan]:
-    """Map every checkpoint tensor to its GGUF name, type and conversion; add the generated ones."""
+def plan_tensors(spec: ModelSpec, outtype: str, shapes: dict[str, tuple[int, ...]] | None = None) -> list[TensorPlan]:
+    """Map every checkpoint tensor to its GGUF name, type and conversion; add the generated ones.
+
+    `shapes` (name -> shape) overrides the checkpoint's own tensor table: a pre-quantized base's weights have
+    packed bytes and quant-state companions on disk, but the merged model they become has plain weights."""
     weight_type = OUTTYPES[outtype][0]
     rules = spec.rules
     name_map = gguf.get_tensor_name_map(rules.arch, spec.n_layer)
     reader = WeightReader(spec.model_dir)
     files = reader.files
-    shapes = {name: reader.shape(name) for name in files}
+    if shapes is None:
+        shapes = {name: reader.shape(name) for name in files}
     tied = spec.tied_embeddings or rules.always_tied
-    stacks = expert_stacks(list(files))
+    stacks = expert_stacks(list(shapes))
     first_part = {parts[0]: stack for stack, parts in stacks.items()}
     in_stack = {p for parts in stacks.values() for p in parts}
     plans = []
-    for hf_name in sorted(files, key=_natural_key):
+    for hf_name in sorted(shapes, key=_natural_key):
         if hf_name.endswith(_SKIP_SUFFIXES) or (tied and hf_name == "lm_head.weight"):
             continue
         if hf_name in in_stack:  # MoE: one stacked tensor per layer and projection, at its first expert

@@ -133,13 +133,9 @@ def merge_adapter(
             for key, tensor in plan.tensors():
                 with doing(f"merging {key}"):
                     if key in plan.linear_keys:
-                        w = plan.merged(key, plan.base_weight(key, tensor, base))
                         merged += key in plan.adapters
                         dequantized += key not in plan.adapters and base == "dequantized"
-                        tensor = w
-                    if tensor.is_floating_point():
-                        tensor = tensor.to(out_dtype)
-                    writer.add(key, tensor)
+                    writer.add(key, plan.output_tensor(key, tensor, base, out_dtype))
                     del tensor
             with doing("writing the last shard and the side files"):
                 shards = writer.close()

@@ -13,6 +13,7 @@ from qdora.export.adapter_gguf import export_adapter_gguf
 from qdora.export.gguf_export import export_gguf
 from qdora.export.merge import merge_adapter
 from qdora.testing.adapters import make_adapter
+from qdora.testing.bnb_checkpoints import write_bnb_checkpoint
 from qdora.testing.family_cases import build_case
 
 
@@ -30,9 +31,10 @@ def cases(tmp_path_factory):
     }
 
 
-def merge_then_export(adapter, tmp_path, base="dequantized", dtype="bf16", outtype="f16", **kw):
+def merge_then_export(adapter, tmp_path, base="dequantized", dtype="bf16", outtype="f16", base_model=None, **kw):
     """The two-step reference; the merged folder takes the adapter's name (GGUF general.name)."""
-    merged = merge_adapter(adapter, tmp_path / "two-step" / adapter.name, base=base, dtype=dtype).output
+    merged = merge_adapter(adapter, tmp_path / "two-step" / adapter.name, base_model=base_model, base=base,
+                           dtype=dtype).output
     return export_gguf(merged, tmp_path / "two-step.gguf", outtype=outtype, **kw)
 
 
@@ -51,6 +53,17 @@ def test_byte_identical_to_merge_then_export(cases, tmp_path, case, base, dtype,
     assert got == out
     assert out.read_bytes() == ref.read_bytes()
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]  # no merged checkpoint on the way
+
+
+def test_prequantized_base_byte_identical_to_merge_then_export(cases, tmp_path):
+    """On a bitsandbytes NF4 base the one-step export merges onto the dequantized weights, as merge does."""
+    base_dir, adapter = cases["llama-dora"]
+    bnb = write_bnb_checkpoint(base_dir, tmp_path / "bnb")
+    ref = merge_then_export(adapter, tmp_path, base_model=bnb, dtype="fp32", outtype="f32")
+    out = tmp_path / "one-step" / "model.gguf"
+    out.parent.mkdir()
+    export_adapter_gguf(adapter, out, base_model=bnb, dtype="fp32", outtype="f32")
+    assert out.read_bytes() == ref.read_bytes()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python")
