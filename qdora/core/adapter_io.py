@@ -65,11 +65,6 @@ def peft_state(tensors: dict[tuple[str, str], torch.Tensor]) -> dict[str, torch.
     return state
 
 
-def peft_state_from_params(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Trainable parameter names (`model.layers.0.self_attn.q_proj.lora_A`) -> PEFT keys and layouts."""
-    return peft_state({tuple(name.rsplit(".", 1)): t for name, t in named.items()})
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors under PEFT's key names and layouts, whole, on the CPU (a gather under FSDP2: every
     rank calls it)."""

@@ -84,6 +84,3 @@ def moe_family_of(model: nn.Module) -> MoEFamily | None:
                 f"(fused expert weights such as {name}); supported MoE families: {', '.join(sorted(FAMILIES))}")
     return None
 
-
-def family_for_type(model_type: str | None) -> MoEFamily | None:
-    return FAMILIES.get(model_type or "")

@@ -138,12 +138,12 @@ def load_sources(path: str | Path, txt_mode: str = "line", select: RepoSelect | 
 
     `txt_mode`: for `.txt` files, "line" makes every non-empty line a document, "file" the whole file.
     """
-    from qdora.io.hub import looks_like_repo_id
+    from qdora.io.hub import names_org_repo
 
     if txt_mode not in TXT_MODES:
         raise QdoraError(f"txt_mode must be one of {TXT_MODES}, got {txt_mode!r}")
     p = Path(path).expanduser()
-    if is_dataset_repo_dir(p) or not p.exists() and "/" in str(path) and looks_like_repo_id(str(path)):
+    if is_dataset_repo_dir(p) or not p.exists() and names_org_repo(str(path)):
         return [_load_repo(str(path) if not p.exists() else str(p), select)]
     if not p.exists():
         raise QdoraError(f"dataset path not found: {p}")

@@ -61,6 +61,11 @@ def looks_like_repo_id(name: str) -> bool:
     return bool(_REPO_ID.match(name)) and not name.startswith((".", "~")) and name.count("/") <= 1
 
 
+def names_org_repo(name: str) -> bool:
+    """`org/name`: what qdora takes for a Hub id where a bare `name` more likely means a missing local path."""
+    return "/" in name and looks_like_repo_id(name)
+
+
 def resolve_model(name: str | Path, revision: str | None = None, config_only: bool = False) -> ResolvedModel:
     """The local folder `name`, or the snapshot of Hub repo `name` at `revision` (default: main).
 

@@ -234,14 +234,14 @@ def train_settings(config_file: str | Path) -> dict:
 def load_config(model: str, revision: str | None = None):
     """A model folder with config.json, a config.json file, a preset name (llama-3-70b, 8b, ...), or a Hub
     repository id `org/name` (only its config.json is fetched, at `revision`)."""
-    from qdora.io.hub import looks_like_repo_id, resolve_model
+    from qdora.io.hub import names_org_repo, resolve_model
     from qdora.tools.presets import preset_config
 
     path = Path(model)
     if path.is_file():
         if revision:
             raise QdoraError(f"--revision {revision} applies to Hub models, but {model} is a local file")
-    elif path.is_dir() or "/" in model and looks_like_repo_id(model):
+    elif path.is_dir() or names_org_repo(model):
         path = resolve_model(model, revision, config_only=True).path / "config.json"
         if not path.is_file():
             raise QdoraError(f"{model} has no config.json")

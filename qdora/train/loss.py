@@ -76,7 +76,7 @@ class LogitsTransform:
 IDENTITY = LogitsTransform()
 
 
-def _shifted_targets(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def shifted_targets(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Targets aligned with hidden states: position t is trained to predict labels[t + 1]."""
     pad = torch.full_like(labels[..., :1], ignore_index)
     return torch.cat([labels[..., 1:], pad], dim=-1).reshape(-1)
@@ -165,7 +165,7 @@ def chunked_cross_entropy(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not match")
-    targets = _shifted_targets(labels, ignore_index).to(hidden.device)
+    targets = shifted_targets(labels, ignore_index).to(hidden.device)
     keep = targets != ignore_index
     flat = hidden.reshape(-1, hidden.shape[-1])
     if flat.dtype != weight.dtype:  # the lm_head's dtype is the compute dtype (autocast is off inside)

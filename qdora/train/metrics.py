@@ -108,7 +108,4 @@ class Metrics:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
-            self._close_reporters("interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed")
+            self.close("interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed")

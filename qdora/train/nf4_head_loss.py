@@ -20,7 +20,7 @@ import torch
 from qdora.core.layer import NF4Linear, compute_dtype
 from qdora.core.nf4_head import dequantize_rows, row_alignment
 from qdora.data.formats import IGNORE_INDEX
-from qdora.train.loss import IDENTITY, LogitsTransform, chunked_cross_entropy
+from qdora.train.loss import IDENTITY, LogitsTransform, chunked_cross_entropy, shifted_targets
 
 VOCAB_SLICE = 8192  # = qdora.tools.plan.NF4_HEAD_VOCAB_SLICE
 
@@ -103,8 +103,7 @@ def nf4_head_cross_entropy(
     if vocab_slice < 1:
         raise ValueError(f"vocab_slice must be positive, got {vocab_slice}")
     dtype = compute_dtype(hidden)
-    pad = torch.full_like(labels[..., :1], ignore_index)
-    targets = torch.cat([labels[..., 1:], pad], dim=-1).reshape(-1)
+    targets = shifted_targets(labels, ignore_index)
     keep = targets != ignore_index
     flat = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     b = head.base

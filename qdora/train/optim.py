@@ -25,8 +25,8 @@ from collections.abc import Iterable
 import torch
 
 from qdora.errors import QdoraError
+from qdora.options import OPTIM
 
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 log = logging.getLogger("qdora.train.optim")
 
 
@@ -36,8 +36,7 @@ def build_optimizer(params: list[torch.Tensor], name: str, lr: float, weight_dec
     if name == "adamw":
         kw = {"fused": True} if device.type == "cuda" else {}
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kw)
-    if name not in OPTIMIZERS:
-        raise QdoraError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    OPTIM.check(name)
     if name == "paged_adamw8bit" and device.type != "cuda":
         log.warning("--optim paged_adamw8bit pages optimizer states only on CUDA; on %s it is plain 8-bit AdamW",
                     device.type)

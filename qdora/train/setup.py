@@ -21,7 +21,7 @@ from qdora.core.load import build_meta_model, load_weights, open_checkpoint
 from qdora.core.prequantized import base_double_quant
 from qdora.data.hub_data import RepoSelect
 from qdora.errors import QdoraError
-from qdora.io.hub import looks_like_repo_id, resolve_model
+from qdora.io.hub import names_org_repo, resolve_model
 from qdora.io.preflight import check_writable
 from qdora.options import TORCH_DTYPE_NAMES
 from qdora.train.checkpoint import load_checkpoint, resolve_resume
@@ -97,7 +97,7 @@ def check_inputs(cfg: TrainConfig, d: Dist) -> tuple[RunState, object]:
 def _prepare(cfg: TrainConfig, tokenizer, path: str, select: RepoSelect):
     from qdora.data.prepare import prepare_data
 
-    if not Path(path).exists() and not ("/" in path and looks_like_repo_id(path)):
+    if not Path(path).exists() and not names_org_repo(path):
         raise QdoraError(f"data path {path} does not exist (nor is it a Hub dataset id org/name)")
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         raise QdoraError(f"data file {path} is empty")
@@ -169,6 +169,7 @@ def setup_optimizer(s: RunState) -> None:
     from transformers import get_scheduler
 
     cfg = s.cfg
+    s.trainable = [p for p in s.model.parameters() if p.requires_grad]
     s.optimizer = build_optimizer(s.trainable, cfg.optim, cfg.lr, cfg.weight_decay, s.dist.device)
     s.spike = SpikeGuard(cfg.spike_factor)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]

@@ -45,6 +45,7 @@ class RunState:
     wrapper: nn.Module = field(init=False)  # CausalLMLoss(model): what the step calls (the FSDP2 root)
     report: AdaptReport = field(init=False)
     # setup_optimizer
+    trainable: list[nn.Parameter] = field(init=False)  # the adapter parameters: optimized and clipped
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: Any = field(init=False)  # torch LR scheduler
     scaler: Any = field(init=False)  # a GradScaler for fp16, else None
@@ -55,7 +56,3 @@ class RunState:
     # the step: the first step whose loss was non-finite, kept on the device between reported steps
     # (0: none yet); updates from it on are skipped on the device (see qdora.train.step)
     first_nonfinite: torch.Tensor | None = None
-
-    @property
-    def trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
