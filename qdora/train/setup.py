@@ -75,7 +75,7 @@ def _load_tokenizer(cfg: TrainConfig, model_dir: Path):
 
 
 def check_inputs(cfg: TrainConfig, d: Dist) -> tuple[RunState, object]:
-    """Phase 1: options, output folder, model folder; the run's state and the tokenizer."""
+    """Phase 1: options, output folder, model folder, the adapted model on meta; the run's state and tokenizer."""
     compute = cfg.torch_dtype
     check_mixed_precision(compute, d.sharded)
     check_reporters(cfg.reporters)
@@ -86,10 +86,11 @@ def check_inputs(cfg: TrainConfig, d: Dist) -> tuple[RunState, object]:
     spec = AdapterSpec(method=cfg.method, r=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout,
                        target=cfg.target, adapter_dtype=TORCH_DTYPE_NAMES[cfg.adapter_dtype],
                        double_quant=base_double_quant(model.path))
-    meta, _ = build_meta_model(model.path, spec, compute)  # architecture, targets, NF4 block size: refused
-    place_frozen_parts(meta, cfg.lm_head, cfg.embeddings, d.device, compute)  # before loading anything
+    meta, report = build_meta_model(model.path, spec, compute)  # architecture, targets, NF4 block size: refused
+    place_frozen_parts(meta, cfg.lm_head, cfg.embeddings, d.device, compute, spec.double_quant)  # before loading
     # adapter_config.json's base_model_name_or_path: a Hub id or a folder's path
     state = RunState(cfg, d, spec, compute, Path(cfg.output), model.path, model.name, resume_from)
+    state.model, state.report = meta, report  # still on meta: setup_model shards it and streams the weights in
     state.provenance = {"model": model.record()}
     return state, tokenizer
 
@@ -149,10 +150,9 @@ def setup_data(s: RunState, tokenizer) -> None:
 
 
 def setup_model(s: RunState) -> None:
-    """Phase 3: the adapted NF4 model, streamed onto the device (sharded by FSDP2 first when distributed)."""
+    """Phase 3: the adapted NF4 model check_inputs built on meta, streamed onto the device (sharded by FSDP2
+    first when distributed)."""
     cfg, d = s.cfg, s.dist
-    s.model, s.report = build_meta_model(s.model_dir, s.spec, s.compute)
-    place_frozen_parts(s.model, cfg.lm_head, cfg.embeddings, d.device, s.compute, s.spec.double_quant)
     s.wrapper = CausalLMLoss(s.model)
     if d.sharded:
         shard_model(s.wrapper, s.compute, cfg.offload_params, root_blocks=s.model)

@@ -34,6 +34,9 @@ class RunState:
     # check_inputs, setup_data: what the run read (model and data names, revisions), for train_config.yaml
     # and the adapter's qdora_adapter.json
     provenance: dict[str, Any] = field(init=False)
+    # check_inputs builds them on meta (the checks), setup_model shards and loads that same model
+    model: nn.Module = field(init=False)  # the causal LM with its adapter layers
+    report: AdaptReport = field(init=False)
     # setup_data
     data: Any = field(init=False)  # qdora.data.prepare.PreparedData
     batches: BatchIterator = field(init=False)  # the training micro batches, resumable
@@ -41,9 +44,7 @@ class RunState:
     total_steps: int = field(init=False)
     resumed: dict[str, Any] | None = field(init=False)  # the checkpoint's saved states, read before loading
     # setup_model
-    model: nn.Module = field(init=False)  # the causal LM with its adapter layers
     wrapper: nn.Module = field(init=False)  # CausalLMLoss(model): what the step calls (the FSDP2 root)
-    report: AdaptReport = field(init=False)
     # setup_optimizer
     trainable: list[nn.Parameter] = field(init=False)  # the adapter parameters: optimized and clipped
     optimizer: torch.optim.Optimizer = field(init=False)
