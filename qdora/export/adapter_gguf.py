@@ -60,6 +60,7 @@ def export_adapter_gguf(
     out_dtype = torch_dtype(dtype)
     BASE.check(base)
     plan = AdapterMerge.load(adapter_dir, base_model, revision, check_base=_check_family)
+    plan.check_base_kind(base)
     return export_gguf(plan.base_dir, output_path, outtype=outtype, modelfile=modelfile, quantize=quantize,
                        name=Path(adapter_dir).resolve().name, source=merged_source(plan, base, out_dtype),
                        shapes={key: shape for key, (shape, _) in plan.headers().items()})

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from qdora.cli import main
+from qdora.errors import QdoraError
 from qdora.export.adapter_gguf import export_adapter_gguf
 from qdora.export.gguf_export import export_gguf
 from qdora.export.merge import merge_adapter
@@ -64,6 +65,11 @@ def test_prequantized_base_byte_identical_to_merge_then_export(cases, tmp_path):
     out.parent.mkdir()
     export_adapter_gguf(adapter, out, base_model=bnb, dtype="fp32", outtype="f32")
     assert out.read_bytes() == ref.read_bytes()
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    with pytest.raises(QdoraError, match="original"):  # only the dequantized base exists: refused up front
+        export_adapter_gguf(adapter, refused / "model.gguf", base_model=bnb, base="original")
+    assert not any(refused.iterdir())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python")
