@@ -26,7 +26,16 @@ import math
 import torch
 from torch import nn
 
-from qdora.core.layer import ADAPTER_ATTRS, _scale_rows, adapter_scale, compute_dtype, dora_row_norm, merge_weight
+from qdora.core.layer import (
+    ADAPTER_ATTRS,
+    _input_grads,
+    _needs_grad,
+    _scale_rows,
+    adapter_scale,
+    compute_dtype,
+    dora_row_norm,
+    merge_weight,
+)
 from qdora.core.moe_families import EXPERT_PARAMS, MoEFamily
 from qdora.core.nf4 import NF4Spec, NF4Weight, dequantize_nf4
 from qdora.core.shards import fill_param
@@ -145,12 +154,12 @@ class _ExpertsLinearFunction(torch.autograd.Function):
         xs, a, b, xa_all, pre_all, n_all, mn_all, *nf4 = ctx.saved_tensors
         s, dtype = ctx.scale, ctx.dtype
         x_dt, a_dt, b_dt, m_dt = ctx.dtypes
-        need_x, need_a, need_b, need_m = ctx.needs_input_grad[:4]
-        dx = torch.zeros(xs.shape, dtype=x_dt, device=xs.device) if need_x else None
-        da = torch.zeros(a.shape, dtype=torch.float32, device=a.device) if a is not None and need_a else None
-        db = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if b is not None and need_b else None
+        need = _needs_grad(ctx, _ExpertsLinearFunction)
+        dx = torch.zeros(xs.shape, dtype=x_dt, device=xs.device) if need["x"] else None
+        da = torch.zeros(a.shape, dtype=torch.float32, device=a.device) if a is not None and need["a"] else None
+        db = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if b is not None and need["b"] else None
         dm = torch.zeros(n_all.shape, dtype=torch.float32, device=n_all.device) \
-            if n_all is not None and need_m else None
+            if n_all is not None and need["m"] else None
         start = 0
         for e, c in enumerate(ctx.counts):
             if c == 0:
@@ -179,8 +188,8 @@ class _ExpertsLinearFunction(torch.autograd.Function):
                 if d_xa is not None:
                     dxe.addmm_(d_xa, ae)
                 dx[rows] = dxe.to(x_dt)
-        return (dx, None if da is None else da.to(a_dt), None if db is None else db.to(b_dt),
-                None if dm is None else dm.to(m_dt)) + (None,) * (5 + len(nf4))
+        return _input_grads(ctx, _ExpertsLinearFunction, x=dx, a=None if da is None else da.to(a_dt),
+                            b=None if db is None else db.to(b_dt), m=None if dm is None else dm.to(m_dt))
 
 
 class NF4Experts(nn.Module):
