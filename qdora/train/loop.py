@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -160,11 +161,24 @@ def _next_batches(it: Iterator[dict[str, torch.Tensor]], n: int) -> list[dict]:
     return batches
 
 
-def _reported(s: RunState, step: int) -> bool:
-    """Whether `step` is logged, evaluated, saved or the last: its loss must reach the host."""
-    cfg = s.cfg
-    return (step % cfg.log_every == 0 or step == s.total_steps or bool(cfg.save_every and step % cfg.save_every == 0)
-            or bool(s.eval_batches is not None and cfg.eval_every and step % cfg.eval_every == 0))
+class _Due(NamedTuple):
+    """What happens after a step: evaluation, a metrics row (always with an evaluation), a checkpoint."""
+
+    evaluate: bool
+    log: bool
+    save: bool
+
+    @property
+    def reported(self) -> bool:
+        """The step's loss must reach the host (otherwise it stays on the device: no sync)."""
+        return self.log or self.save
+
+
+def _due(s: RunState, step: int) -> _Due:
+    cfg, last = s.cfg, step == s.total_steps
+    evaluate = s.eval_batches is not None and bool(cfg.eval_every and step % cfg.eval_every == 0 or last)
+    log = step % cfg.log_every == 0 or last or evaluate
+    return _Due(evaluate, log, bool(cfg.save_every and step % cfg.save_every == 0) and not last)
 
 
 def _loop(s: RunState, stack: ExitStack) -> TrainResult:
@@ -186,18 +200,16 @@ def _loop(s: RunState, stack: ExitStack) -> TrainResult:
             micro_batches = _next_batches(batches, cfg.grad_accum)
             if not micro_batches:
                 break
+            due = _due(s, s.step + 1)
             with doing(f"training step {s.step + 1}"):
-                done = train_step(s, micro_batches, report=_reported(s, s.step + 1))
+                done = train_step(s, micro_batches, report=due.reported)
             if done.loss is not None:
                 result.losses[s.step] = done.loss
             window_tokens += done.input_tokens
             if done.spike:  # --on-spike warn: say so above the bar and in the log, and carry on
                 metrics.write(f"qdora: WARNING {done.spike}")
-            extra = {}
-            if s.eval_batches is not None and (cfg.eval_every and s.step % cfg.eval_every == 0
-                                               or s.step == s.total_steps):
-                extra["eval_loss"] = evaluate(s)
-            if s.step % cfg.log_every == 0 or s.step == s.total_steps or extra:
+            extra = {"eval_loss": evaluate(s)} if due.evaluate else {}
+            if due.log:
                 now = time.perf_counter()
                 metrics.log({"step": s.step, "loss": done.loss, "grad_norm": done.grad_norm, "lr": done.lr,
                              "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
@@ -205,7 +217,7 @@ def _loop(s: RunState, stack: ExitStack) -> TrainResult:
                              **({"spike": True} if done.spike else {}), **extra})
                 window_tokens, window_start = 0, now
             metrics.advance()
-            if cfg.save_every and s.step % cfg.save_every == 0 and s.step < s.total_steps:
+            if due.save:
                 save(s)
             if d.any(stop.signum is not None):
                 check_deferred(s)  # never save weights past a skipped non-finite step without saying so
