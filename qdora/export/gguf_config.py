@@ -17,6 +17,7 @@ from qdora.core.families import check_family
 from qdora.core.family_config import read_config, text_config
 from qdora.errors import QdoraError
 from qdora.export.gguf_archs import ARCH_RULES, ArchRules
+from qdora.export.gguf_rope import rope_type_of
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def rope_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     if "full_attention" in params:
         params = params["full_attention"] or {}
     rope = dict(params)
-    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    rope_type = rope_type_of(rope)
     rope["rope_type"] = "longrope" if rope_type == "su" else rope_type
     return rope
 

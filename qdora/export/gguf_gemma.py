@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import gguf
 
 from qdora.errors import QdoraError
+from qdora.export.gguf_rope import rope_type_of
 
 if TYPE_CHECKING:
     from qdora.export.gguf_config import ModelSpec
@@ -65,7 +66,7 @@ def check_gemma3(spec: ModelSpec) -> None:
         raise QdoraError("Gemma 3 with final_logit_softcapping: llama.cpp's sliding-window gemma3 graph does not "
                          "soft-cap the logits")
     local = local_rope(spec)
-    local_type = local.get("rope_type", local.get("type", "default")) or "default"
+    local_type = rope_type_of(local)
     if local_type != "default":
         raise QdoraError(f"Gemma 3 local-layer rope type {local_type!r}: llama.cpp scales only the global layers")
 

@@ -14,6 +14,11 @@ if TYPE_CHECKING:
 ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
 
 
+def rope_type_of(params: dict) -> str:
+    """A rope-parameters dict's type as transformers spells it in either config generation ("default": unscaled)."""
+    return params.get("rope_type", params.get("type", "default")) or "default"
+
+
 def llama3_rope_factors(spec: ModelSpec) -> list[float] | None:
     """Per-frequency divisors for Llama 3.1's rope scaling (llama.cpp's `rope_freqs` tensor), else None.
 

@@ -9,6 +9,8 @@ errs on the small side on purpose: a free-space refusal must never stop an expor
 
 from __future__ import annotations
 
+import math
+
 import gguf
 
 from qdora.export.gguf_tensors import TensorPlan
@@ -44,8 +46,6 @@ def quantized_bytes(plans: list[TensorPlan], qtype: str) -> int:
     bpw = _bits_per_weight(qtype)
     total = 0
     for p in plans:
-        n = 1
-        for d in p.shape:
-            n *= d
+        n = math.prod(p.shape)
         total += int(n * bpw / 8) if len(p.shape) >= 2 else 4 * n
     return total

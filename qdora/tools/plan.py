@@ -479,8 +479,7 @@ def _cheapest_fit(shape: Shape, settings: dict, dtype_bytes: int) -> dict | None
                 if kw == s or kw in seen:
                     continue
                 seen.append(kw)
-                p = plan_memory(shape, **{k: v for k, v in kw.items() if k != "gpu_mem_gib"},
-                                gpu_mem_gib=kw["gpu_mem_gib"], dtype_bytes=dtype_bytes, suggest=False)
+                p = plan_memory(shape, **kw, dtype_bytes=dtype_bytes, suggest=False)
                 if p.fits:
                     return dict(flags=_flags(s, kw), total_gib=p.total_bytes / GIB,
                                 margin_gib=(p.gpu_mem_bytes - p.total_bytes) / GIB,
