@@ -192,13 +192,18 @@ def adapt_model(
             set_submodule(model, path, make_frozen(module, spec, storage_dtype))
         del module
     if family is not None and next(model.parameters()).device.type != "meta":
-        # experts were adapted first: init every adapter by its index in module order, as load_model does
-        for i, layer in enumerate(adapter_layers(model).values()):
-            layer.reset_adapter(layer_seed(seed, i))
+        init_adapters(model, seed)  # experts were adapted first: re-init every adapter by its module-order index
     freeze_base(model)
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.total_params = count_parameters(model)
     return report
+
+
+def init_adapters(model: nn.Module, seed: int) -> None:
+    """Every adapter from its `initial_adapter(layer_seed(seed, i))`, i its index in module order: how
+    `adapt_model(..., seed)` makes them and how `load_model` inits a streamed model."""
+    for i, layer in enumerate(adapter_layers(model).values()):
+        layer.reset_adapter(layer_seed(seed, i))
 
 
 def freeze_base(model: nn.Module) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qdora.core.adapt import AdapterSpec, AdaptReport, adapt_model, adapter_layers, layer_seed
+from qdora.core.adapt import AdapterSpec, AdaptReport, adapt_model, adapter_layers, init_adapters
 from qdora.core.host_embedding import HostEmbedding
 from qdora.core.layer import NF4Linear, QDoRALinear
 from qdora.core.moe_families import moe_family_of
@@ -140,12 +140,6 @@ def _recreate_rotary(module: nn.Module, device: torch.device) -> None:
     for attr, value in vars(fresh).items():  # attention_scaling (per layer type), cached lengths
         if not attr.startswith("_") and isinstance(value, (int, float)) and not isinstance(value, bool):
             setattr(module, attr, value)
-
-
-def init_adapters(model: nn.Module, seed: int) -> None:
-    """Every adapter from its `initial_adapter(layer_seed(seed, i))`, as `adapt_model(..., seed)` makes it."""
-    for i, layer in enumerate(adapter_layers(model).values()):
-        layer.reset_adapter(layer_seed(seed, i))
 
 
 def load_model(
